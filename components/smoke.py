@@ -1,0 +1,54 @@
+"""The steps of the smoke DAG: synthetic data -> shards -> checkpoint -> predictions/metrics -> report."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from components.image import PROJECT_IMAGE
+
+# install_kfp_package=False: the project image already has kfp, and nothing may reach the network at run time.
+component = dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
+
+
+@component
+def make_synthetic_data(seed: int, num_train: int, num_val: int, num_test: int, data: Output[Dataset]):
+  from beam_jobs.synthetic import generate_synthetic
+  generate_synthetic(data.path, seed=seed, splits={"train": num_train, "val": num_val, "test": num_test})
+
+
+@component
+def build_shards(data: Input[Dataset], seq_len: int, patch_size: int, max_images: int,
+                 max_patches_per_image: int, num_shards: int, shards: Output[Dataset]):
+  import os
+  from beam_jobs.build_shards import ShardOptions, build_shards
+  info = build_shards(os.path.join(data.path, "manifest.jsonl"), shards.path, ShardOptions(
+      seq_len=seq_len, patch_size=patch_size, max_images=max_images,
+      max_patches_per_image=max_patches_per_image, num_shards=num_shards))
+  shards.metadata.update({k: info[k] for k in ("num_examples", "num_sequences", "packing_efficiency")})
+
+
+@component
+def train(shards: Input[Dataset], seed: int, steps: int, batch_size: int, learning_rate: float, width: int,
+          depth: int, checkpoint: Output[Model]):
+  from trainers.configs import apply_overrides, load_config
+  from trainers.train import train as run_training
+  config = apply_overrides(load_config("smoke"), {
+      "seed": seed, "train.steps": steps, "train.batch_size": batch_size, "train.learning_rate": learning_rate,
+      "model.width": width, "model.depth": depth})
+  final = run_training(shards.path, checkpoint.path, config)
+  checkpoint.metadata.update({"step": final["step"], "loss": final["loss"], "params_sha256": final["params_sha256"]})
+
+
+@component
+def evaluate(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Output[Dataset], metrics: Output[Metrics]):
+  from evaluators.predict import predict_and_evaluate
+  result = predict_and_evaluate(shards.path, checkpoint.path, evaluation.path)
+  for split, values in result["splits"].items():
+    for name in ("accuracy", "nll", "brier", "ece"):
+      metrics.log_metric(f"{split}/{name}", values[name])
+
+
+@component
+def report(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Input[Dataset], report: Output[HTML]):
+  from evaluators.report import render_report
+  summary = render_report(shards.path, checkpoint.path, evaluation.path, report.path)
+  report.metadata.update(summary)

@@ -1,0 +1,179 @@
+"""`patchflow run`: a pipeline on kfp.local's SubprocessRunner in this environment, under a run directory.
+
+kfp.local has been seen to report SUCCEEDED when a step failed, so the outcome is decided here: every DAG
+task must have finished with an executor output and must have written every artifact it declares.
+The pipeline runs in a child process whose output goes to `<run dir>/kfp.log`; this process follows that
+log to show progress and cut out the failing step's log.
+"""
+
+import datetime
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from pipelines import registry
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXECUTING = re.compile(r"Executing task '([^']+)'")
+_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_PROGRESS_PREFIXES = ("build_shards:", "train:", "evaluate:")
+_UNCHECKED_ARTIFACTS = {"system.Metrics", "system.ClassificationMetrics", "system.SlicedClassificationMetrics"}
+
+
+def runs_home() -> str:
+  return os.path.abspath(os.environ.get("PATCHFLOW_HOME", "runs"))
+
+
+def new_run_id(pipeline: str) -> str:
+  return f"{pipeline}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def dag_tasks(pipeline) -> dict[str, list[str]]:
+  """Task name -> names of the output artifacts it must write (metrics artifacts excepted)."""
+  spec = pipeline.pipeline_spec
+  out = {}
+  for name, task in spec.root.dag.tasks.items():
+    artifacts = spec.components[task.component_ref.name].output_definitions.artifacts
+    out[name] = sorted(a for a, d in artifacts.items() if d.artifact_type.schema_title not in _UNCHECKED_ARTIFACTS)
+  return out
+
+
+def _write_json(path: str, value) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def check_outputs(execution_root: str | None, tasks: dict[str, list[str]], statuses: dict[str, str]) -> dict:
+  """Per task: SUCCEEDED only if kfp said so, its executor output exists and every artifact is non-empty."""
+  verdicts = {}
+  for task, artifacts in tasks.items():
+    if task not in statuses:
+      verdicts[task] = ("NOT_RUN", "never started")
+      continue
+    if statuses[task] != "SUCCESS":
+      verdicts[task] = ("FAILED", f"kfp.local status {statuses[task]}")
+      continue
+    task_dir = os.path.join(execution_root or "", task)
+    missing = [a for a in artifacts if not _non_empty(os.path.join(task_dir, a))]
+    if not os.path.exists(os.path.join(task_dir, "executor_output.json")):
+      verdicts[task] = ("FAILED", "no executor_output.json although kfp.local reported SUCCESS")
+    elif missing:
+      verdicts[task] = ("FAILED", f"output artifact {missing[0]!r} missing or empty although kfp.local "
+                                  "reported SUCCESS")
+    else:
+      verdicts[task] = ("SUCCEEDED", "")
+  return verdicts
+
+
+def _non_empty(path: str) -> bool:
+  if os.path.isdir(path):
+    return any(os.scandir(path))
+  return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def step_log(log_path: str, task: str) -> list[str]:
+  """The lines kfp.local streamed for one task."""
+  lines, inside = [], False
+  with open(log_path, encoding="utf-8", errors="replace") as f:
+    for raw in f:
+      line = _ANSI.sub("", raw.rstrip("\n"))
+      if (m := _EXECUTING.search(line)):
+        inside = m.group(1) == task
+      elif (m := _FINISHED.search(line)) and m.group(1) == task:
+        lines.append(line)
+        inside = False
+      if inside:
+        lines.append(line)
+  return lines
+
+
+def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callable[[str], None] = print) -> dict:
+  """Runs one pipeline locally; returns the run record (status, steps, report path)."""
+  pipeline = registry.get_pipeline(name)
+  defaults = {k: d for k, (_, d) in registry.signature(pipeline).items()}
+  run_id = new_run_id(name)
+  run_dir = os.path.join(home or runs_home(), run_id)
+  os.makedirs(run_dir)
+  record = {"id": run_id, "pipeline": name, "params": {**defaults, **params}, "status": "RUNNING",
+            "run_dir": run_dir, "started": time.time(), "steps": {}}
+  _write_json(os.path.join(run_dir, "run.json"), record)
+  log_path = os.path.join(run_dir, "kfp.log")
+  echo(f"run {run_id}: pipeline {name}, log {log_path}")
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  start, step_start, statuses = time.time(), {}, {}
+  with open(log_path, "w", encoding="utf-8") as log:
+    child = subprocess.Popen([sys.executable, "-m", "pipelines.local_run", run_dir], stdout=log,
+                             stderr=subprocess.STDOUT, env=env)
+  with open(log_path, encoding="utf-8", errors="replace") as follow:
+    while True:
+      line = follow.readline()
+      if not line:
+        if child.poll() is not None:
+          rest = follow.read()
+          if not rest:
+            break
+          line = rest
+        else:
+          time.sleep(0.2)
+          continue
+      for text in line.splitlines():
+        text = _ANSI.sub("", text)
+        if (m := _EXECUTING.search(text)):
+          step_start[m.group(1)] = time.time()
+          echo(f"  [{time.time() - start:6.1f}s] {m.group(1)}: running")
+        elif (m := _FINISHED.search(text)):
+          task, status = m.group(1), m.group(2)
+          statuses[task] = status
+          seconds = time.time() - step_start.get(task, start)
+          record["steps"][task] = {"status": status, "seconds": round(seconds, 2)}
+          echo(f"  [{time.time() - start:6.1f}s] {task}: {status} in {seconds:.1f}s")
+        elif text.strip().startswith(_PROGRESS_PREFIXES):
+          echo(f"      {text.strip()}")
+  executions = sorted(d for d in os.listdir(os.path.join(run_dir, "root")) if not d.startswith(".")) \
+      if os.path.isdir(os.path.join(run_dir, "root")) else []
+  execution_root = os.path.join(run_dir, "root", executions[-1]) if executions else None
+  verdicts = check_outputs(execution_root, dag_tasks(pipeline), statuses)
+  for task, (verdict, why) in verdicts.items():
+    record["steps"].setdefault(task, {})["verdict"] = verdict
+    if why:
+      record["steps"][task]["why"] = why
+  failed = [t for t, (v, _) in verdicts.items() if v == "FAILED"]
+  not_run = [t for t, (v, _) in verdicts.items() if v == "NOT_RUN"]
+  record["duration_seconds"] = round(time.time() - start, 2)
+  record["execution_root"] = execution_root
+  if failed or not_run or child.returncode != 0:
+    record["status"] = "FAILED"
+    record["failed_step"] = failed[0] if failed else (not_run[0] if not_run else None)
+  else:
+    report_src = os.path.join(execution_root, "report", "report")
+    record["report"] = os.path.join(run_dir, "report.html")
+    shutil.copyfile(report_src, record["report"])
+    record["status"] = "SUCCEEDED"
+  _write_json(os.path.join(run_dir, "run.json"), record)
+  return record
+
+
+def _child(run_dir: str) -> int:
+  """Runs inside the child process: kfp.local executes the DAG, writing under <run dir>/root."""
+  import warnings
+
+  from kfp import local
+  with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
+    record = json.load(f)
+  # The project image's name has no "python" in it, which kfp.local warns about; here it is the current env.
+  warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+  local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.path.join(run_dir, "root"),
+             workspace_root=os.path.join(run_dir, "workspace"), raise_on_error=False)
+  registry.get_pipeline(record["pipeline"])(**record["params"])
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(_child(sys.argv[1]))

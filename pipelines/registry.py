@@ -1,0 +1,63 @@
+"""Pipeline registry: name -> KFP pipeline function. A small dict, not a plugin system."""
+
+import inspect
+
+from schemas.errors import ContractError
+
+
+def _smoke():
+  from pipelines.smoke import smoke
+  return smoke
+
+
+_PIPELINES = {"smoke": _smoke}
+
+
+def names() -> list[str]:
+  return sorted(_PIPELINES)
+
+
+def get_pipeline(name: str):
+  if name not in _PIPELINES:
+    raise ContractError(f"unknown pipeline {name!r} (known: {', '.join(names())})")
+  return _PIPELINES[name]()
+
+
+def signature(pipeline) -> dict[str, tuple[type, object]]:
+  """Parameter name -> (type, default) from the Python function the pipeline was defined with."""
+  fn = pipeline.pipeline_func
+  return {name: (p.annotation, p.default) for name, p in inspect.signature(fn).parameters.items()}
+
+
+def parse_parameters(pipeline, assignments: list[str]) -> dict[str, object]:
+  """`key=value` strings -> typed parameters; unknown keys and wrong types name the parameter."""
+  sig = signature(pipeline)
+  out = {}
+  for assignment in assignments:
+    if "=" not in assignment:
+      raise ContractError(f"parameter {assignment!r}: expected KEY=VALUE")
+    key, raw = assignment.split("=", 1)
+    if key not in sig:
+      raise ContractError(f"unknown parameter {key!r} for pipeline {pipeline.name!r} "
+                          f"(known: {', '.join(sorted(sig))})")
+    out[key] = coerce(key, sig[key][0], raw)
+  return out
+
+
+def coerce(key: str, kind: type, raw) -> object:
+  if not isinstance(raw, str):
+    value = raw
+  elif kind is bool:
+    if raw.lower() not in ("true", "false", "1", "0"):
+      raise ContractError(f"parameter {key!r}: expected bool, got {raw!r}")
+    return raw.lower() in ("true", "1")
+  else:
+    try:
+      value = kind(raw)
+    except ValueError:
+      raise ContractError(f"parameter {key!r}: expected {kind.__name__}, got {raw!r}") from None
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    raise ContractError(f"parameter {key!r}: expected {kind.__name__}, got {raw!r}")
+  return value

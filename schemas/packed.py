@@ -1,0 +1,146 @@
+"""The packed-example contract (NaViT Patch n' Pack): one definition, from which the TF feature spec, the
+pyarrow schema, the schema fingerprint and the tf.train.Example encoder/decoder are all derived."""
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from schemas.errors import ContractError
+
+SCHEMA_VERSION = 1
+
+# name -> (dtype, symbolic shape). L = seq_len, P = patch_size**2 * 3, M = max_images, T = text_len.
+# `bytes` fields hold one string per slot; `uint8` arrays are stored as one raw bytes value.
+_FIELDS: dict[str, tuple[str, tuple[str | int, ...]]] = {
+    "patches": ("uint8", ("L", "P")),
+    "patch_yx": ("int32", ("L", 2)),
+    "patch_t": ("int32", ("L",)),
+    "segment_ids": ("int32", ("L",)),
+    "image_grid": ("int32", ("M", 2)),
+    "labels": ("int32", ("M",)),
+    "example_ids": ("bytes", ("M",)),
+    "text_tokens": ("int32", ("T",)),
+    "text_segment_ids": ("int32", ("T",)),
+}
+_VIDEO_FIELDS = {"patch_t"}
+_TEXT_FIELDS = {"text_tokens", "text_segment_ids"}
+
+FINGERPRINT = hashlib.sha256(
+    json.dumps({"version": SCHEMA_VERSION, "fields": _FIELDS}, sort_keys=True).encode()).hexdigest()[:16]
+KNOWN_FINGERPRINTS = frozenset({FINGERPRINT})
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSpec:
+  """Fixed sizes of one packed dataset; every reader takes them from dataset_info.json."""
+  seq_len: int
+  patch_size: int
+  max_images: int
+  text_len: int = 0
+  video: bool = False
+
+  def __post_init__(self):
+    for name in ("seq_len", "patch_size", "max_images"):
+      if getattr(self, name) < 1:
+        raise ContractError(f"packed spec: field {name!r} must be >= 1, got {getattr(self, name)}")
+    if self.text_len < 0:
+      raise ContractError(f"packed spec: field 'text_len' must be >= 0, got {self.text_len}")
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size * self.patch_size * 3
+
+  def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+    sizes = {"L": self.seq_len, "P": self.patch_dim, "M": self.max_images, "T": self.text_len}
+    out = {}
+    for name, (dtype, shape) in _FIELDS.items():
+      if (name in _VIDEO_FIELDS and not self.video) or (name in _TEXT_FIELDS and not self.text_len):
+        continue
+      out[name] = (dtype, tuple(sizes[d] if isinstance(d, str) else d for d in shape))
+    return out
+
+  def empty(self) -> dict[str, np.ndarray]:
+    """A fully padded example: segment 0 everywhere, labels -1, empty ids."""
+    out = {}
+    for name, (dtype, shape) in self.fields().items():
+      if dtype == "bytes":
+        out[name] = np.array([b""] * shape[0], dtype=object)
+      else:
+        out[name] = np.full(shape, -1 if name == "labels" else 0, dtype=dtype)
+    return out
+
+  def tf_feature_spec(self) -> dict[str, Any]:
+    import tensorflow as tf
+    spec = {}
+    for name, (dtype, shape) in self.fields().items():
+      if dtype == "uint8":
+        spec[name] = tf.io.FixedLenFeature([], tf.string)
+      elif dtype == "bytes":
+        spec[name] = tf.io.FixedLenFeature([shape[0]], tf.string)
+      else:
+        spec[name] = tf.io.FixedLenFeature([int(np.prod(shape))], tf.int64)
+    return spec
+
+  def tf_parse(self, serialized):
+    """Parses a batch or a single serialized Example into tensors of the contract's shapes and dtypes."""
+    import tensorflow as tf
+    parsed = tf.io.parse_example(serialized, self.tf_feature_spec())
+    batch = tf.shape(serialized)  # [] for one example, [B] for a batch.
+    out = {}
+    for name, (dtype, shape) in self.fields().items():
+      value = parsed[name]
+      if dtype == "uint8":
+        value = tf.io.decode_raw(value, tf.uint8)
+      elif dtype == "int32":
+        value = tf.cast(value, tf.int32)
+      out[name] = tf.reshape(value, tf.concat([batch, shape], axis=0))
+    return out
+
+  def arrow_schema(self):
+    import pyarrow as pa
+    types = {"uint8": pa.uint8(), "int32": pa.int32(), "bytes": pa.binary()}
+    pa_fields = []
+    for name, (dtype, shape) in self.fields().items():
+      t = types[dtype]
+      for size in reversed(shape):
+        t = pa.list_(t, size)
+      pa_fields.append(pa.field(name, t, nullable=False))
+    return pa.schema(pa_fields, metadata={"schema_version": str(SCHEMA_VERSION), "fingerprint": FINGERPRINT})
+
+  def validate(self, example: dict[str, np.ndarray], where: str = "example") -> None:
+    fields = self.fields()
+    missing = sorted(set(fields) - set(example))
+    if missing:
+      raise ContractError(f"{where}: missing field {missing[0]!r}")
+    for name, (dtype, shape) in fields.items():
+      value = np.asarray(example[name])
+      if value.shape != shape:
+        raise ContractError(f"{where}: field {name!r} has shape {value.shape}, contract says {shape}")
+      if dtype != "bytes" and value.dtype != np.dtype(dtype):
+        raise ContractError(f"{where}: field {name!r} has dtype {value.dtype}, contract says {dtype}")
+
+  def to_tf_example_bytes(self, example: dict[str, np.ndarray]) -> bytes:
+    """Encodes one packed example; deterministic serialization, so equal inputs give equal bytes."""
+    from tensorflow.core.example import example_pb2
+    self.validate(example)
+    proto = example_pb2.Example()
+    for name, (dtype, _) in self.fields().items():
+      feature = proto.features.feature[name]
+      value = np.asarray(example[name])
+      if dtype == "uint8":
+        feature.bytes_list.value.append(value.tobytes())
+      elif dtype == "bytes":
+        feature.bytes_list.value.extend(bytes(v) for v in value)
+      else:
+        feature.int64_list.value.extend(value.reshape(-1).tolist())
+    return proto.SerializeToString(deterministic=True)
+
+
+def check_fingerprint(fingerprint: str, where: str) -> None:
+  if fingerprint not in KNOWN_FINGERPRINTS:
+    raise ContractError(
+        f"{where}: schema fingerprint {fingerprint!r} is unknown to this patchflow "
+        f"(known: {sorted(KNOWN_FINGERPRINTS)}); rebuild the shards with this version")

@@ -1,0 +1,49 @@
+"""Config registry: name -> module with get_config(); `--set key=value` overrides dotted keys."""
+
+import ast
+import copy
+import importlib
+import importlib.util
+import os
+
+from schemas.errors import ContractError
+
+NAMES = ("smoke",)
+
+
+def load_config(name_or_path: str) -> dict:
+  if name_or_path in NAMES:
+    module = importlib.import_module(f"trainers.configs.{name_or_path}")
+  elif os.path.isfile(name_or_path):
+    spec = importlib.util.spec_from_file_location("patchflow_user_config", name_or_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    raise ContractError(f"config {name_or_path!r}: not a known name ({', '.join(NAMES)}) nor a file")
+  return module.get_config()
+
+
+def apply_overrides(config: dict, overrides: dict) -> dict:
+  """Returns a copy with dotted keys replaced; unknown keys and type changes are errors naming the key."""
+  config = copy.deepcopy(config)
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+      if not isinstance(node.get(part), dict):
+        raise ContractError(f"config override {dotted!r}: unknown key {part!r}")
+      node = node[part]
+    if leaf not in node or isinstance(node[leaf], dict):
+      raise ContractError(f"config override {dotted!r}: unknown key {leaf!r}")
+    old = node[leaf]
+    if isinstance(value, str) and not isinstance(old, str):
+      try:
+        value = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        raise ContractError(f"config override {dotted!r}: cannot parse {value!r}") from None
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if type(value) is not type(old):
+      raise ContractError(f"config override {dotted!r}: expected {type(old).__name__}, got {value!r}")
+    node[leaf] = value
+  return config

@@ -1,0 +1,176 @@
+"""The train loop: packed shards in, an orbax checkpoint, metrics.jsonl and final.json out.
+
+  python -m trainers.train --data SHARDS --workdir DIR [--config smoke] [--set train.steps=100 ...]
+
+Started again on the same workdir it resumes from the last checkpoint and replays the same batches.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from schemas import dataset_info as info_lib
+from schemas.lineage import write_lineage
+from trainers import checkpointing
+from trainers.configs import apply_overrides, load_config
+from trainers.input_pipeline import MODEL_INPUTS, batch_indices, load_split
+from trainers.model import build_model
+
+
+def slot_loss_and_accuracy(logits, labels):
+  """Mean cross-entropy and accuracy over filled image slots (label >= 0); empty slots weigh nothing."""
+  filled = labels >= 0
+  safe = jnp.where(filled, labels, 0)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  count = jnp.maximum(filled.sum(), 1)
+  loss = jnp.where(filled, losses, 0.0).sum() / count
+  accuracy = jnp.where(filled, logits.argmax(-1) == safe, False).sum() / count
+  return loss, accuracy
+
+
+def make_optimizer(model, train_config: dict) -> nnx.Optimizer:
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_config["learning_rate"], warmup_steps=train_config["warmup_steps"],
+      decay_steps=max(train_config["steps"], train_config["warmup_steps"] + 1), end_value=0.0)
+  tx = optax.adamw(schedule, weight_decay=train_config["weight_decay"])
+  return nnx.Optimizer(model, tx, wrt=nnx.Param), schedule
+
+
+@nnx.jit
+def train_step(model, optimizer, batch):
+  def loss_fn(model):
+    logits = model(batch["patches"], batch["patch_yx"], batch["segment_ids"])
+    return slot_loss_and_accuracy(logits, batch["labels"])
+  (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  return loss, accuracy
+
+
+@nnx.jit
+def eval_step(model, batch):
+  return slot_loss_and_accuracy(model(batch["patches"], batch["patch_yx"], batch["segment_ids"]), batch["labels"])
+
+
+def evaluate_split(model, data: dict, batch_size: int) -> dict:
+  total_loss = total_correct = total = 0.0
+  for start in range(0, len(data["labels"]), batch_size):
+    batch = {k: data[k][start:start + batch_size] for k in MODEL_INPUTS}
+    n = float((batch["labels"] >= 0).sum())
+    loss, accuracy = eval_step(model, batch)
+    total_loss += float(loss) * n
+    total_correct += float(accuracy) * n
+    total += n
+  return {"loss": total_loss / max(total, 1), "accuracy": total_correct / max(total, 1), "images": int(total)}
+
+
+def _append_jsonl(path: str, row: dict) -> None:
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(row, sort_keys=True) + "\n")
+    f.flush()
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Drops metric lines written after the checkpoint we resume from, so the curve has no duplicate steps."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(rows)
+  os.replace(path + ".tmp", path)
+
+
+def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
+  info = info_lib.read_dataset_info(data_dir)
+  tc = config["train"]
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({"config": config, "dataset_info": {k: info[k] for k in (
+        "fingerprint", "seq_len", "patch_size", "max_images", "num_classes", "max_patches_per_image")},
+        "data": os.path.abspath(data_dir)}, f, indent=1, sort_keys=True)
+  train_data = load_split(data_dir, "train", info)
+  val_data = load_split(data_dir, "val", info) if "val" in info["splits"] else None
+  model = build_model(config["model"], info, config["seed"])
+  optimizer, schedule = make_optimizer(model, tc)
+  manager = checkpointing.checkpoint_manager(workdir, tc["keep_checkpoints"])
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  start = checkpointing.restore_latest(manager, model, optimizer) or 0
+  _truncate_metrics(metrics_path, start)
+  if start:
+    log(f"train: resumed from checkpoint at step {start}")
+  num_sequences = len(train_data["labels"])
+  window_start, window_images = time.perf_counter(), 0
+  loss = float("nan")
+  for step in range(start + 1, tc["steps"] + 1):
+    idx = batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"])
+    batch = {k: train_data[k][idx] for k in MODEL_INPUTS}
+    loss, accuracy = train_step(model, optimizer, batch)
+    window_images += int((batch["labels"] >= 0).sum())
+    if step % tc["log_every"] == 0 or step == tc["steps"]:
+      loss = float(loss)
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"train: loss is {loss} at step {step}; last good checkpoint is kept in "
+                                 f"{workdir}/checkpoints")
+      elapsed = time.perf_counter() - window_start
+      row = {"step": step, "loss": loss, "accuracy": float(accuracy), "learning_rate": float(schedule(step - 1)),
+             "images_per_second": window_images / max(elapsed, 1e-9)}
+      _append_jsonl(metrics_path, row)
+      log(f"train: step {step}/{tc['steps']} loss {loss:.4f} accuracy {row['accuracy']:.3f} "
+          f"lr {row['learning_rate']:.2e} {row['images_per_second']:.0f} img/s")
+      window_start, window_images = time.perf_counter(), 0
+    if step % tc["checkpoint_every"] == 0 or step == tc["steps"]:
+      manager.save(step, args=ocp_args_save(model, optimizer))
+  manager.wait_until_finished()
+  final = {"step": tc["steps"], "loss": float(loss), "params_sha256": checkpointing.params_sha256(model)}
+  if val_data is not None:
+    final["val"] = evaluate_split(model, val_data, tc["batch_size"])
+    log(f"train: validation accuracy {final['val']['accuracy']:.3f} on {final['val']['images']} images")
+  write_lineage(workdir, "train", config, {"shards": data_dir})
+  with open(os.path.join(workdir, "final.json.tmp"), "w", encoding="utf-8") as f:
+    json.dump(final, f, indent=1, sort_keys=True)
+  os.replace(os.path.join(workdir, "final.json.tmp"), os.path.join(workdir, "final.json"))
+  return final
+
+
+def ocp_args_save(model, optimizer):
+  import orbax.checkpoint as ocp
+  return ocp.args.StandardSave(nnx.state((model, optimizer)))
+
+
+def load_trained_model(workdir: str):
+  """The model of a finished (or interrupted) run, restored from its newest checkpoint, and its config."""
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  config, info = saved["config"], saved["dataset_info"]
+  model = build_model(config["model"], info, config["seed"])
+  optimizer, _ = make_optimizer(model, config["train"])
+  manager = checkpointing.checkpoint_manager(workdir, config["train"]["keep_checkpoints"])
+  if checkpointing.restore_latest(manager, model, optimizer) is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
+  return model, saved
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m trainers.train", description=__doc__.splitlines()[0])
+  parser.add_argument("--data", required=True)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--config", default="smoke")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  args = parser.parse_args(argv)
+  overrides = dict(kv.split("=", 1) for kv in args.set)
+  config = apply_overrides(load_config(args.config), overrides)
+  final = train(args.data, args.workdir, config, log=lambda m: print(m, file=sys.stderr, flush=True))
+  print(json.dumps(final))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
