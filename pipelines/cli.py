@@ -2,6 +2,8 @@
 
   patchflow compile smoke --output smoke.yaml     # KFP IR YAML for Vertex AI / Kubeflow
   patchflow run smoke [--set steps=200 ...]       # the whole DAG locally (kfp.local + in-process Beam + JAX CPU)
+  patchflow shards build --manifest M --output DIR [--seq-len 256 ...] [-- <Beam pipeline options>]
+  patchflow train --data SHARDS --workdir DIR [--config smoke] [--set train.steps=100 ...]
 """
 
 import argparse
@@ -21,21 +23,42 @@ def _compile(args) -> int:
 
 
 def _run(args) -> int:
-  from pipelines.local_run import run_pipeline, step_log
+  from pipelines.local_run import last_error_line, run_pipeline, step_log
   pipeline = registry.get_pipeline(args.pipeline)
   params = registry.parse_parameters(pipeline, args.set)
   record = run_pipeline(args.pipeline, params, home=args.home)
   if record["status"] != "SUCCEEDED":
     step = record.get("failed_step")
     why = record["steps"].get(step, {}).get("why", "the pipeline process failed") if step else "see the log"
+    error = last_error_line(f"{record['run_dir']}/kfp.log", step) if step else None
+    why = error or why
     print(f"step {step!r} FAILED: {why}", file=sys.stderr)
     if step:
-      tail = step_log(f"{record['run_dir']}/kfp.log", step)[-40:]
+      tail = step_log(f"{record['run_dir']}/kfp.log", step)[-25:]
       print("---- last lines of its log ----\n" + "\n".join(tail), file=sys.stderr)
     print(f"run {record['id']} FAILED step={step} log={record['run_dir']}/kfp.log")
     return 1
   print(f"run {record['id']} SUCCEEDED report={record['report']}")
   return 0
+
+
+def _shards_build(args) -> int:
+  from beam_jobs.build_shards import ShardOptions, build_shards
+  options = ShardOptions(seq_len=args.seq_len, patch_size=args.patch_size, max_images=args.max_images,
+                         max_patches_per_image=args.max_patches_per_image, num_shards=args.num_shards,
+                         max_error_fraction=args.max_error_fraction)
+  info = build_shards(args.manifest, args.output, options, beam_args=args.beam_args)
+  print(f"wrote {info['num_sequences']} sequences ({info['num_examples']} images, {info['num_errors']} errors) "
+        f"to {args.output}")
+  return 0
+
+
+def _train(args) -> int:
+  from trainers.train import main as train_main
+  argv = ["--data", args.data, "--workdir", args.workdir, "--config", args.config]
+  for assignment in args.set:
+    argv += ["--set", assignment]
+  return train_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,11 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a pipeline parameter")
   p.add_argument("--home", default=None, help="runs directory (default $PATCHFLOW_HOME or ./runs)")
   p.set_defaults(func=_run)
+  shards = sub.add_parser("shards", help="packed TFRecord shards").add_subparsers(dest="shards_command", required=True)
+  p = shards.add_parser("build", help="manifest -> packed shards + dataset_info.json + errors.jsonl (Apache Beam)")
+  p.add_argument("--manifest", required=True)
+  p.add_argument("--output", required=True)
+  p.add_argument("--seq-len", type=int, default=256)
+  p.add_argument("--patch-size", type=int, default=16)
+  p.add_argument("--max-images", type=int, default=16)
+  p.add_argument("--max-patches-per-image", type=int, default=64)
+  p.add_argument("--num-shards", type=int, default=2)
+  p.add_argument("--max-error-fraction", type=float, default=0.01)
+  p.set_defaults(func=_shards_build)
+  p = sub.add_parser("train", help="train a model on packed shards")
+  p.add_argument("--data", required=True)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--config", default="smoke")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  p.set_defaults(func=_train)
   return parser
 
 
 def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  # Everything after `--` belongs to Beam (e.g. -- --runner DataflowRunner --project ...).
+  beam_args = argv[argv.index("--") + 1:] if "--" in argv else []
+  argv = argv[:argv.index("--")] if "--" in argv else argv
   args = build_parser().parse_args(argv)
+  args.beam_args = beam_args
   try:
     return args.func(args)
   except ContractError as e:

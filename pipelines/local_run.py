@@ -94,6 +94,18 @@ def step_log(log_path: str, task: str) -> list[str]:
   return lines
 
 
+_EXCEPTION = re.compile(r"^\s*([\w.]+(Error|Exception|Interrupt)): (.+)$")
+
+
+def last_error_line(log_path: str, task: str) -> str | None:
+  """The last `SomeError: message` line a task logged: usually the one-line reason it failed."""
+  found = None
+  for line in step_log(log_path, task):
+    if (m := _EXCEPTION.match(line)):
+      found = f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(3)}"
+  return found
+
+
 def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callable[[str], None] = print) -> dict:
   """Runs one pipeline locally; returns the run record (status, steps, report path)."""
   pipeline = registry.get_pipeline(name)

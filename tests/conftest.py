@@ -1,0 +1,24 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+SMALL_SPLITS = {"train": 48, "val": 24, "test": 12}
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+  from beam_jobs.synthetic import generate_synthetic
+  out = tmp_path_factory.mktemp("synthetic")
+  generate_synthetic(str(out), seed=3, splits=SMALL_SPLITS, noise_levels=(2,))
+  return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir(synthetic_dir, tmp_path_factory):
+  from beam_jobs.build_shards import ShardOptions, build_shards
+  out = tmp_path_factory.mktemp("shards")
+  build_shards(str(synthetic_dir / "manifest.jsonl"), str(out),
+               ShardOptions(seq_len=128, patch_size=16, max_images=8, max_patches_per_image=32, num_shards=2))
+  return out

@@ -1,0 +1,102 @@
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from schemas.dataset_info import read_dataset_info
+from schemas.errors import ContractError
+from trainers.configs import apply_overrides, load_config
+from trainers.input_pipeline import MODEL_INPUTS, batch_indices, load_split
+from trainers.model import build_model
+from trainers.train import load_trained_model, make_optimizer, slot_loss_and_accuracy, train, train_step
+
+TINY = {"train.steps": 6, "train.checkpoint_every": 3, "train.log_every": 2, "train.batch_size": 4,
+        "train.warmup_steps": 2, "model.width": 32, "model.depth": 1, "model.heads": 2, "model.mlp_dim": 32}
+
+
+def _config(**extra):
+  return apply_overrides(load_config("smoke"), {**TINY, **extra})
+
+
+def test_train_step_reduces_loss_on_a_fixed_batch(shard_dir):
+  info = read_dataset_info(str(shard_dir))
+  data = load_split(str(shard_dir), "train", info)
+  batch = {k: data[k][:4] for k in MODEL_INPUTS}
+  config = _config(**{"train.learning_rate": 1e-2, "train.warmup_steps": 1, "train.steps": 30})
+  model = build_model(config["model"], info, 0)
+  optimizer, _ = make_optimizer(model, config["train"])
+  losses = [float(train_step(model, optimizer, batch)[0]) for _ in range(25)]
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_images_in_one_sequence_never_see_each_other(shard_dir):
+  info = read_dataset_info(str(shard_dir))
+  data = load_split(str(shard_dir), "train", info)
+  row = int(np.argmax((data["labels"] >= 0).sum(1)))  # a sequence with several images
+  batch = {k: data[k][row:row + 1] for k in MODEL_INPUTS}
+  assert (batch["labels"] >= 0).sum() >= 2
+  model = build_model(_config()["model"], info, 0)
+  # Non-zero head so logits depend on the features.
+  model.head.kernel[...] = jnp.ones_like(model.head.kernel[...]) * 0.1 + jnp.arange(info["num_classes"]) * 0.01
+  before = np.asarray(model(batch["patches"], batch["patch_yx"], batch["segment_ids"]))
+  changed = batch["patches"].copy()
+  changed[batch["segment_ids"] == 1] = 255 - changed[batch["segment_ids"] == 1]
+  after = np.asarray(model(changed, batch["patch_yx"], batch["segment_ids"]))
+  assert not np.allclose(before[0, 0], after[0, 0])          # image 1 itself changed
+  np.testing.assert_allclose(before[0, 1:], after[0, 1:], rtol=1e-6, atol=1e-6)  # the others did not
+
+
+def test_loss_ignores_empty_slots():
+  logits = jnp.array([[[5.0, 0.0], [0.0, 5.0], [100.0, -100.0]]])
+  loss, accuracy = slot_loss_and_accuracy(logits, jnp.array([[0, 1, -1]]))
+  assert float(accuracy) == 1.0 and float(loss) < 0.01
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  a = [batch_indices(10, 4, s, seed=1).tolist() for s in range(6)]
+  assert a == [batch_indices(10, 4, s, seed=1).tolist() for s in range(6)]
+  assert sorted(sum(a[:5], [])[:10]) == list(range(10))  # the first epoch covers every sequence once
+  assert a != [batch_indices(10, 4, s, seed=2).tolist() for s in range(6)]
+
+
+def test_resume_from_last_checkpoint_gives_identical_parameters(shard_dir, tmp_path):
+  config = _config()
+  whole = train(str(shard_dir), str(tmp_path / "whole"), config, log=lambda m: None)
+  assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+  # Simulate a run killed after step 3's checkpoint: drop later state and start the same command again.
+  shutil.copytree(tmp_path / "whole", tmp_path / "killed")
+  shutil.rmtree(tmp_path / "killed" / "checkpoints" / "6")
+  (tmp_path / "killed" / "final.json").unlink()
+  logs = []
+  resumed = train(str(shard_dir), str(tmp_path / "killed"), config, log=logs.append)
+  assert "train: resumed from checkpoint at step 3" in logs
+  assert resumed["params_sha256"] == whole["params_sha256"]
+  assert resumed["loss"] == whole["loss"]
+  steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [2, 4, 6]
+  model, saved = load_trained_model(str(tmp_path / "whole"))
+  assert saved["config"]["train"]["steps"] == 6
+  assert (tmp_path / "whole" / "lineage.json").exists()
+
+
+def test_config_overrides_are_typed_and_unknown_keys_named():
+  config = apply_overrides(load_config("smoke"), {"train.steps": "7", "train.learning_rate": "1"})
+  assert config["train"]["steps"] == 7 and config["train"]["learning_rate"] == 1.0
+  with pytest.raises(ContractError, match="unknown key 'stepz'"):
+    apply_overrides(config, {"train.stepz": 1})
+  with pytest.raises(ContractError, match="'train.steps': expected int"):
+    apply_overrides(config, {"train.steps": "1.5"})
+  with pytest.raises(ContractError, match="not a known name"):
+    load_config("nope")
+
+
+def test_unknown_schema_fingerprint_is_refused(shard_dir, tmp_path):
+  shutil.copytree(shard_dir, tmp_path / "shards")
+  info_path = tmp_path / "shards" / "dataset_info.json"
+  info = json.loads(info_path.read_text())
+  info["fingerprint"] = "0000"
+  info_path.write_text(json.dumps(info))
+  with pytest.raises(ContractError, match="fingerprint '0000' is unknown"):
+    train(str(tmp_path / "shards"), str(tmp_path / "w"), _config())
