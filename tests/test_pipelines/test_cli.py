@@ -1,0 +1,76 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipelines import registry
+from pipelines.cli import main
+from pipelines.local_run import check_outputs, dag_tasks, last_error_line
+
+SMOKE_TASKS = {"make-synthetic-data", "build-shards", "train", "evaluate", "report"}
+
+
+def test_compile_writes_kfp_ir_with_every_step(tmp_path, capsys):
+  out = tmp_path / "smoke.yaml"
+  assert main(["compile", "smoke", "--output", str(out), "--set", "steps=7"]) == 0
+  spec = yaml.safe_load(out.read_text())
+  assert set(spec["root"]["dag"]["tasks"]) == SMOKE_TASKS
+  assert spec["root"]["inputDefinitions"]["parameters"]["steps"]["defaultValue"] == 7
+  for executor in spec["deploymentSpec"]["executors"].values():
+    assert executor["container"]["image"].startswith("ghcr.io/patchflow/patchflow")
+    assert "pip install" not in " ".join(executor["container"]["command"])  # nothing fetched at run time
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "nope"], "unknown pipeline 'nope' (known: smoke)"),
+    (["run", "smoke", "--set", "steps=ten"], "parameter 'steps': expected int, got 'ten'"),
+    (["run", "smoke", "--set", "learning_rate=fast"], "parameter 'learning_rate': expected float"),
+    (["run", "smoke", "--set", "stepz=3"], "unknown parameter 'stepz' for pipeline 'smoke'"),
+    (["run", "smoke", "--set", "steps"], "parameter 'steps': expected KEY=VALUE"),
+    (["compile", "nope", "--output", "x.yaml"], "unknown pipeline 'nope'"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(argv, message, capsys):
+  assert main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == f"patchflow: error: {message}" or (err.startswith("patchflow: error: ") and message in err)
+  assert "\n" not in err
+
+
+def test_parameters_are_typed_from_the_pipeline_signature():
+  smoke = registry.get_pipeline("smoke")
+  assert registry.parse_parameters(smoke, ["steps=5", "learning_rate=1", "seed=2"]) == {
+      "steps": 5, "learning_rate": 1.0, "seed": 2}
+
+
+def test_success_reported_by_kfp_is_not_trusted_without_outputs(tmp_path):
+  tasks = dag_tasks(registry.get_pipeline("smoke"))
+  assert tasks["evaluate"] == ["evaluation"]  # the Metrics artifact lives in executor output, not on disk
+  root = tmp_path / "exec"
+  for task, artifacts in tasks.items():
+    (root / task).mkdir(parents=True)
+    (root / task / "executor_output.json").write_text("{}")
+    for a in artifacts:
+      (root / task / a).write_text("x")
+  statuses = {t: "SUCCESS" for t in tasks}
+  assert {v for v, _ in check_outputs(str(root), tasks, statuses).values()} == {"SUCCEEDED"}
+  (root / "train" / "checkpoint").unlink()
+  (root / "report" / "executor_output.json").unlink()
+  statuses.pop("evaluate")
+  verdicts = check_outputs(str(root), tasks, statuses)
+  assert verdicts["train"][0] == "FAILED" and "'checkpoint' missing or empty" in verdicts["train"][1]
+  assert verdicts["report"][0] == "FAILED" and "executor_output.json" in verdicts["report"][1]
+  assert verdicts["evaluate"][0] == "NOT_RUN"
+
+
+def test_last_error_line_is_cut_from_the_failing_step(tmp_path):
+  log = tmp_path / "kfp.log"
+  log.write_text("\n".join([
+      "12:00 - INFO - Executing task \x1b[96m'a'\x1b[0m", "    ValueError: not this one",
+      "12:00 - INFO - Task 'a' finished with status SUCCESS",
+      "12:01 - INFO - Executing task 'b'", "    Traceback (most recent call last):",
+      "    schemas.errors.ContractError: manifest.jsonl:3: not valid JSON",
+      "12:01 - ERROR - Task 'b' finished with status FAILURE"]))
+  assert last_error_line(str(log), "b") == "ContractError: manifest.jsonl:3: not valid JSON"
