@@ -103,7 +103,7 @@ def main(argv=None) -> int:
   args.beam_args = beam_args
   try:
     return args.func(args)
-  except ContractError as e:
+  except (ContractError, FloatingPointError) as e:
     print(f"patchflow: error: {e}", file=sys.stderr)
     return 2
 

@@ -5,7 +5,7 @@ import numpy as np
 
 from schemas import dataset_info as info_lib
 
-MODEL_INPUTS = ("patches", "patch_yx", "segment_ids", "labels")
+MODEL_INPUTS = ("patches", "patch_yx", "segment_ids", "image_grid", "labels")
 
 
 def load_split(shard_dir: str, split: str, info: dict | None = None, fields=MODEL_INPUTS + ("example_ids",)):

@@ -6,6 +6,8 @@ Started again on the same workdir it resumes from the last checkpoint and replay
 """
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import sys
@@ -19,24 +21,26 @@ from flax import nnx
 
 from schemas import dataset_info as info_lib
 from schemas.lineage import write_lineage
-from trainers import checkpointing
+from schemas.errors import ContractError
+from trainers import checkpointing, sharding
 from trainers.configs import apply_overrides, load_config
 from trainers.input_pipeline import MODEL_INPUTS, batch_indices, load_split
 from trainers.model import build_model
 
 
-def slot_loss_and_accuracy(logits, labels):
+def slot_loss_and_accuracy(logits, labels, label_smoothing: float = 0.0):
   """Mean cross-entropy and accuracy over filled image slots (label >= 0); empty slots weigh nothing."""
   filled = labels >= 0
   safe = jnp.where(filled, labels, 0)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  targets = optax.smooth_labels(jax.nn.one_hot(safe, logits.shape[-1]), label_smoothing)
+  losses = optax.softmax_cross_entropy(logits, targets)
   count = jnp.maximum(filled.sum(), 1)
   loss = jnp.where(filled, losses, 0.0).sum() / count
   accuracy = jnp.where(filled, logits.argmax(-1) == safe, False).sum() / count
   return loss, accuracy
 
 
-def make_optimizer(model, train_config: dict) -> nnx.Optimizer:
+def make_optimizer(model, train_config: dict):
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train_config["learning_rate"], warmup_steps=train_config["warmup_steps"],
       decay_steps=max(train_config["steps"], train_config["warmup_steps"] + 1), end_value=0.0)
@@ -44,11 +48,14 @@ def make_optimizer(model, train_config: dict) -> nnx.Optimizer:
   return nnx.Optimizer(model, tx, wrt=nnx.Param), schedule
 
 
-@nnx.jit
-def train_step(model, optimizer, batch):
+def _forward(model, batch, train):
+  return model(batch["patches"], batch["patch_yx"], batch["segment_ids"], batch.get("image_grid"), train=train)
+
+
+@functools.partial(nnx.jit, static_argnames="label_smoothing")
+def train_step(model, optimizer, batch, label_smoothing=0.0):
   def loss_fn(model):
-    logits = model(batch["patches"], batch["patch_yx"], batch["segment_ids"])
-    return slot_loss_and_accuracy(logits, batch["labels"])
+    return slot_loss_and_accuracy(_forward(model, batch, True), batch["labels"], label_smoothing)
   (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
   return loss, accuracy
@@ -56,10 +63,11 @@ def train_step(model, optimizer, batch):
 
 @nnx.jit
 def eval_step(model, batch):
-  return slot_loss_and_accuracy(model(batch["patches"], batch["patch_yx"], batch["segment_ids"]), batch["labels"])
+  return slot_loss_and_accuracy(_forward(model, batch, False), batch["labels"])
 
 
 def evaluate_split(model, data: dict, batch_size: int) -> dict:
+  model.eval()
   total_loss = total_correct = total = 0.0
   for start in range(0, len(data["labels"]), batch_size):
     batch = {k: data[k][start:start + batch_size] for k in MODEL_INPUTS}
@@ -69,6 +77,27 @@ def evaluate_split(model, data: dict, batch_size: int) -> dict:
     total_correct += float(accuracy) * n
     total += n
   return {"loss": total_loss / max(total, 1), "accuracy": total_correct / max(total, 1), "images": int(total)}
+
+
+# Dense bf16 peak TFLOP/s per chip, for model-FLOPs utilisation; override with train.peak_tflops.
+PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0,
+               "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0}
+
+
+def model_flops_per_sequence(model_config: dict, info: dict) -> float:
+  """Training FLOPs (forward + backward = 3x forward) of one packed sequence, counting matmuls only."""
+  length, width, mlp = info["seq_len"], model_config["width"], model_config["mlp_dim"]
+  patch_dim = info["patch_size"] ** 2 * 3
+  per_layer = 2 * length * (4 * width * width + 2 * width * mlp) + 2 * 2 * length * length * width
+  forward = 2 * length * patch_dim * width + model_config["depth"] * per_layer
+  return 3.0 * forward
+
+
+def peak_tflops(train_config: dict) -> float | None:
+  if train_config.get("peak_tflops"):
+    return float(train_config["peak_tflops"])
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_TFLOPS.items() if kind.startswith(k)), None)
 
 
 def _append_jsonl(path: str, row: dict) -> None:
@@ -88,6 +117,13 @@ def _truncate_metrics(path: str, last_step: int) -> None:
   os.replace(path + ".tmp", path)
 
 
+def data_position(step: int, config: dict, info: dict, num_sequences: int) -> dict:
+  """What a resumed run must match to replay the same batches: the batch at step n is f(seed, n, data)."""
+  shards = hashlib.sha256("".join(s["sha256"] for s in info["shards"]).encode()).hexdigest()
+  return {"next_step": step + 1, "seed": config["seed"], "batch_size": config["train"]["batch_size"],
+          "num_sequences": num_sequences, "shards_sha256": shards}
+
+
 def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
   info = info_lib.read_dataset_info(data_dir)
   tc = config["train"]
@@ -96,39 +132,63 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
     json.dump({"config": config, "dataset_info": {k: info[k] for k in (
         "fingerprint", "seq_len", "patch_size", "max_images", "num_classes", "max_patches_per_image")},
         "data": os.path.abspath(data_dir)}, f, indent=1, sort_keys=True)
+  mesh = sharding.make_mesh(config["mesh"]["data"], config["mesh"]["model"])
+  if tc["batch_size"] % config["mesh"]["data"]:
+    raise ContractError(f"train.batch_size ({tc['batch_size']}) must be divisible by mesh.data "
+                        f"({config['mesh']['data']})")
   train_data = load_split(data_dir, "train", info)
   val_data = load_split(data_dir, "val", info) if "val" in info["splits"] else None
   model = build_model(config["model"], info, config["seed"])
   optimizer, schedule = make_optimizer(model, tc)
+  sharding.shard_nodes(mesh, model, optimizer)
   manager = checkpointing.checkpoint_manager(workdir, tc["keep_checkpoints"])
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  start = checkpointing.restore_latest(manager, model, optimizer) or 0
+  num_sequences = len(train_data["labels"])
+  start = checkpointing.restore_latest(manager, model, optimizer,
+                                       expect_position=data_position(0, config, info, num_sequences)) or 0
   _truncate_metrics(metrics_path, start)
   if start:
     log(f"train: resumed from checkpoint at step {start}")
-  num_sequences = len(train_data["labels"])
-  window_start, window_images = time.perf_counter(), 0
+  import tensorflow as tf
+  summaries = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+  flops_per_step = model_flops_per_sequence(config["model"], info) * tc["batch_size"]
+  peak = peak_tflops(tc)
+  model.train()
+  window_start, window_images, window_steps = time.perf_counter(), 0, 0
   loss = float("nan")
   for step in range(start + 1, tc["steps"] + 1):
     idx = batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"])
-    batch = {k: train_data[k][idx] for k in MODEL_INPUTS}
-    loss, accuracy = train_step(model, optimizer, batch)
-    window_images += int((batch["labels"] >= 0).sum())
-    if step % tc["log_every"] == 0 or step == tc["steps"]:
+    batch = sharding.shard_batch(mesh, {k: train_data[k][idx] for k in MODEL_INPUTS})
+    loss, accuracy = train_step(model, optimizer, batch, label_smoothing=tc["label_smoothing"])
+    window_images += int((train_data["labels"][idx] >= 0).sum())
+    window_steps += 1
+    is_log, is_save = step % tc["log_every"] == 0 or step == tc["steps"], step % tc["checkpoint_every"] == 0
+    if is_log or is_save or step == tc["steps"]:
       loss = float(loss)
       if not np.isfinite(loss):
-        raise FloatingPointError(f"train: loss is {loss} at step {step}; last good checkpoint is kept in "
-                                 f"{workdir}/checkpoints")
+        manager.wait_until_finished()
+        raise FloatingPointError(f"train: loss is {loss} at step {step}; stopped, the last good checkpoint "
+                                 f"(step {manager.latest_step()}) is kept in {workdir}/checkpoints")
+    if is_log:
       elapsed = time.perf_counter() - window_start
       row = {"step": step, "loss": loss, "accuracy": float(accuracy), "learning_rate": float(schedule(step - 1)),
-             "images_per_second": window_images / max(elapsed, 1e-9)}
+             "images_per_second": window_images / max(elapsed, 1e-9),
+             "steps_per_second": window_steps / max(elapsed, 1e-9)}
+      row["tflops_per_second"] = flops_per_step * row["steps_per_second"] / 1e12
+      row["mfu"] = row["tflops_per_second"] / (peak * len(jax.devices())) if peak else None
       _append_jsonl(metrics_path, row)
+      with summaries.as_default(step=step):
+        for key in ("loss", "accuracy", "learning_rate", "images_per_second", "tflops_per_second"):
+          tf.summary.scalar(key, row[key])
+      mfu = f" MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
       log(f"train: step {step}/{tc['steps']} loss {loss:.4f} accuracy {row['accuracy']:.3f} "
-          f"lr {row['learning_rate']:.2e} {row['images_per_second']:.0f} img/s")
-      window_start, window_images = time.perf_counter(), 0
-    if step % tc["checkpoint_every"] == 0 or step == tc["steps"]:
-      manager.save(step, args=ocp_args_save(model, optimizer))
+          f"lr {row['learning_rate']:.2e} {row['images_per_second']:.0f} img/s "
+          f"{row['tflops_per_second'] * 1e3:.1f} GFLOP/s{mfu}")
+      window_start, window_images, window_steps = time.perf_counter(), 0, 0
+    if is_save or step == tc["steps"]:
+      checkpointing.save(manager, step, model, optimizer, data_position(step, config, info, num_sequences))
   manager.wait_until_finished()
+  summaries.flush()
   final = {"step": tc["steps"], "loss": float(loss), "params_sha256": checkpointing.params_sha256(model)}
   if val_data is not None:
     final["val"] = evaluate_split(model, val_data, tc["batch_size"])
@@ -138,11 +198,6 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
     json.dump(final, f, indent=1, sort_keys=True)
   os.replace(os.path.join(workdir, "final.json.tmp"), os.path.join(workdir, "final.json"))
   return final
-
-
-def ocp_args_save(model, optimizer):
-  import orbax.checkpoint as ocp
-  return ocp.args.StandardSave(nnx.state((model, optimizer)))
 
 
 def load_trained_model(workdir: str):
@@ -155,6 +210,7 @@ def load_trained_model(workdir: str):
   manager = checkpointing.checkpoint_manager(workdir, config["train"]["keep_checkpoints"])
   if checkpointing.restore_latest(manager, model, optimizer) is None:
     raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
+  model.eval()
   return model, saved
 
 

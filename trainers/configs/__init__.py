@@ -8,7 +8,9 @@ import os
 
 from schemas.errors import ContractError
 
-NAMES = ("smoke",)
+NAMES = ("smoke", "navit_s16", "navit_b16")
+REQUIRED_KEYS = ("seed", "train.steps", "train.batch_size", "train.checkpoint_every", "train.log_every",
+                 "mesh.data", "mesh.model")
 
 
 def load_config(name_or_path: str) -> dict:
@@ -20,7 +22,20 @@ def load_config(name_or_path: str) -> dict:
     spec.loader.exec_module(module)
   else:
     raise ContractError(f"config {name_or_path!r}: not a known name ({', '.join(NAMES)}) nor a file")
-  return module.get_config()
+  config = module.get_config()
+  validate_config(config, name_or_path)
+  return config
+
+
+def validate_config(config: dict, where: str) -> None:
+  for dotted in REQUIRED_KEYS:
+    node = config
+    for part in dotted.split("."):
+      if not isinstance(node, dict) or part not in node:
+        raise ContractError(f"config {where!r}: missing required key {dotted!r}")
+      node = node[part]
+    if dotted != "seed" and (not isinstance(node, int) or node < 1):
+      raise ContractError(f"config {where!r}: key {dotted!r} must be a positive int, got {node!r}")
 
 
 def apply_overrides(config: dict, overrides: dict) -> dict:
@@ -46,4 +61,5 @@ def apply_overrides(config: dict, overrides: dict) -> dict:
     if type(value) is not type(old):
       raise ContractError(f"config override {dotted!r}: expected {type(old).__name__}, got {value!r}")
     node[leaf] = value
+  validate_config(config, "after overrides")
   return config

@@ -1,0 +1,57 @@
+"""Sharding by rules on a `jax.sharding.Mesh` with axes ("data", "model").
+
+Parameters and optimizer state follow one rule table (matched against the end of each variable's path):
+FSDP shards a weight's input dimension over "data", tensor parallelism its output dimension over "model"
+(and the reverse for the second matmul of a pair, so no activation is gathered between them). A dimension
+that the axis size does not divide stays replicated. Batches are sharded over "data"; activations follow.
+"""
+
+import re
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from schemas.errors import ContractError
+
+# (path suffix regex, spec for a 2-D weight). Biases, norms and scalars are replicated.
+RULES = (
+    (r"(qkv|mlp_in|kv|q)/kernel$", ("data", "model")),
+    (r"(out|mlp_out)/kernel$", ("model", "data")),
+    (r"embed/kernel$", ("data", "model")),
+    (r"pos_(row|col)$", (None, "model")),
+    (r"head/kernel$", ("data", None)),
+)
+
+
+def make_mesh(data: int, model: int) -> Mesh:
+  devices = jax.devices()
+  if data * model > len(devices):
+    raise ContractError(f"mesh.data x mesh.model = {data} x {model} = {data * model}, but only {len(devices)} "
+                        f"device(s) are visible (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  return Mesh(np.asarray(devices[:data * model]).reshape(data, model), ("data", "model"))
+
+
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+  for pattern, axes in RULES:
+    if re.search(pattern, path) and len(shape) == len(axes):
+      return P(*(a if a is not None and shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(axes)))
+  return P()
+
+
+def shard_nodes(mesh: Mesh, *nodes) -> None:
+  """Places every variable of the given NNX nodes on the mesh, in place, by RULES."""
+  state = nnx.state(nodes)
+  flat = nnx.to_flat_state(state)
+  for path, variable in flat:
+    value = variable.get_value()
+    if hasattr(value, "shape"):
+      name = "/".join(str(p) for p in path)
+      variable.set_value(jax.device_put(value, NamedSharding(mesh, spec_for(name, value.shape, mesh))))
+  nnx.update(nodes, nnx.from_flat_state(flat))
+
+
+def shard_batch(mesh: Mesh, batch: dict) -> dict:
+  """Batch arrays split over "data" along their first dimension."""
+  return {k: jax.device_put(v, NamedSharding(mesh, P("data"))) for k, v in batch.items()}
