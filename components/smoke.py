@@ -1,4 +1,7 @@
-"""The steps of the smoke DAG: synthetic data -> shards -> checkpoint -> predictions/metrics -> report."""
+"""The steps of the smoke DAG: synthetic data -> shards -> checkpoint -> predictions/metrics -> report.
+
+Each body: parse inputs, call one library function (through the local step cache), write outputs.
+"""
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
@@ -11,37 +14,57 @@ component = dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
 
 @component
 def make_synthetic_data(seed: int, num_train: int, num_val: int, num_test: int, data: Output[Dataset]):
-  from beam_jobs.synthetic import generate_synthetic
-  generate_synthetic(data.path, seed=seed, splits={"train": num_train, "val": num_val, "test": num_test})
+  from components.cache import run_cached
+  params = {"seed": seed, "splits": {"train": num_train, "val": num_val, "test": num_test}}
+
+  def work():
+    from beam_jobs.synthetic import generate_synthetic
+    generate_synthetic(data.path, seed=seed, splits=params["splits"])
+    return {}
+  run_cached("make_synthetic_data", ("beam_jobs", "schemas"), params, {}, {"data": data.path}, work)
 
 
 @component
 def build_shards(data: Input[Dataset], seq_len: int, patch_size: int, max_images: int,
                  max_patches_per_image: int, num_shards: int, shards: Output[Dataset]):
   import os
-  from beam_jobs.build_shards import ShardOptions, build_shards
-  info = build_shards(os.path.join(data.path, "manifest.jsonl"), shards.path, ShardOptions(
-      seq_len=seq_len, patch_size=patch_size, max_images=max_images,
-      max_patches_per_image=max_patches_per_image, num_shards=num_shards))
+  from components.cache import run_cached
+  params = {"seq_len": seq_len, "patch_size": patch_size, "max_images": max_images,
+            "max_patches_per_image": max_patches_per_image, "num_shards": num_shards}
+
+  def work():
+    from beam_jobs.build_shards import ShardOptions, build_shards as build
+    return build(os.path.join(data.path, "manifest.jsonl"), shards.path, ShardOptions(**params))
+  info = run_cached("build_shards", ("beam_jobs", "schemas"), params, {"data": data.path}, {"shards": shards.path},
+                    work)
   shards.metadata.update({k: info[k] for k in ("num_examples", "num_sequences", "packing_efficiency")})
 
 
 @component
 def train(shards: Input[Dataset], seed: int, steps: int, batch_size: int, learning_rate: float, width: int,
           depth: int, checkpoint: Output[Model]):
-  from trainers.configs import apply_overrides, load_config
-  from trainers.train import train as run_training
-  config = apply_overrides(load_config("smoke"), {
-      "seed": seed, "train.steps": steps, "train.batch_size": batch_size, "train.learning_rate": learning_rate,
-      "model.width": width, "model.depth": depth})
-  final = run_training(shards.path, checkpoint.path, config)
+  from components.cache import run_cached
+  overrides = {"seed": seed, "train.steps": steps, "train.batch_size": batch_size,
+               "train.learning_rate": learning_rate, "model.width": width, "model.depth": depth}
+
+  def work():
+    from trainers.configs import apply_overrides, load_config
+    from trainers.train import train as run_training
+    return run_training(shards.path, checkpoint.path, apply_overrides(load_config("smoke"), overrides))
+  final = run_cached("train", ("trainers", "schemas"), overrides, {"shards": shards.path},
+                     {"checkpoint": checkpoint.path}, work)
   checkpoint.metadata.update({"step": final["step"], "loss": final["loss"], "params_sha256": final["params_sha256"]})
 
 
 @component
 def evaluate(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Output[Dataset], metrics: Output[Metrics]):
-  from evaluators.predict import predict_and_evaluate
-  result = predict_and_evaluate(shards.path, checkpoint.path, evaluation.path)
+  from components.cache import run_cached
+
+  def work():
+    from evaluators.predict import predict_and_evaluate
+    return predict_and_evaluate(shards.path, checkpoint.path, evaluation.path)
+  result = run_cached("evaluate", ("evaluators", "trainers", "schemas"), {},
+                      {"shards": shards.path, "checkpoint": checkpoint.path}, {"evaluation": evaluation.path}, work)
   for split, values in result["splits"].items():
     for name in ("accuracy", "nll", "brier", "ece"):
       metrics.log_metric(f"{split}/{name}", values[name])
@@ -49,6 +72,12 @@ def evaluate(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Outpu
 
 @component
 def report(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Input[Dataset], report: Output[HTML]):
-  from evaluators.report import render_report
-  summary = render_report(shards.path, checkpoint.path, evaluation.path, report.path)
+  from components.cache import run_cached
+
+  def work():
+    from evaluators.report import render_report
+    return render_report(shards.path, checkpoint.path, evaluation.path, report.path)
+  summary = run_cached("report", ("evaluators", "schemas"), {},
+                       {"shards": shards.path, "checkpoint": checkpoint.path, "evaluation": evaluation.path},
+                       {"report": report.path}, work)
   report.metadata.update(summary)

@@ -23,10 +23,40 @@ def _compile(args) -> int:
 
 
 def _run(args) -> int:
-  from pipelines.local_run import last_error_line, run_pipeline, step_log
   pipeline = registry.get_pipeline(args.pipeline)
   params = registry.parse_parameters(pipeline, args.set)
-  record = run_pipeline(args.pipeline, params, home=args.home)
+  return _run_and_report(args.pipeline, params, args.home, use_cache=not args.no_cache)
+
+
+def _rerun(args) -> int:
+  from pipelines import history
+  from pipelines.local_run import runs_home
+  home = args.home or runs_home()
+  previous = history.get_run(home, args.run_id)
+  pipeline = registry.get_pipeline(previous["pipeline"])
+  params = {**previous["params"], **registry.parse_parameters(pipeline, args.set)}
+  return _run_and_report(previous["pipeline"], params, home, parent=previous["id"], use_cache=not args.no_cache)
+
+
+def _runs(args) -> int:
+  import json
+  from pipelines import history
+  from pipelines.local_run import runs_home
+  runs = history.list_runs(args.home or runs_home())
+  if args.json:
+    print(json.dumps(runs, indent=1, sort_keys=True))
+    return 0
+  print(f"{'id':34} {'pipeline':10} {'status':10} {'seconds':>8}  report")
+  for r in runs:
+    seconds = f"{r['duration_seconds']:.1f}" if r.get("duration_seconds") is not None else "-"
+    print(f"{r['id']:34} {r['pipeline']:10} {r['status']:10} {seconds:>8}  {r.get('report') or r.get('console_url') or ''}")
+  return 0
+
+
+def _run_and_report(name: str, params: dict, home: str | None, parent: str | None = None,
+                    use_cache: bool = True) -> int:
+  from pipelines.local_run import last_error_line, run_pipeline, step_log
+  record = run_pipeline(name, params, home=home, parent=parent, use_cache=use_cache)
   if record["status"] != "SUCCEEDED":
     step = record.get("failed_step")
     why = record["steps"].get(step, {}).get("why", "the pipeline process failed") if step else "see the log"
@@ -73,7 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("pipeline", help=f"one of: {', '.join(registry.names())}")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a pipeline parameter")
   p.add_argument("--home", default=None, help="runs directory (default $PATCHFLOW_HOME or ./runs)")
+  p.add_argument("--no-cache", action="store_true", help="run every step even if an identical one ran before")
   p.set_defaults(func=_run)
+  p = sub.add_parser("runs", help="list local and submitted runs")
+  p.add_argument("--json", action="store_true", help="print a JSON list of run objects")
+  p.add_argument("--home", default=None, help="runs directory (default $PATCHFLOW_HOME or ./runs)")
+  p.set_defaults(func=_runs)
+  p = sub.add_parser("rerun", help="run again with the same (or changed) parameters")
+  p.add_argument("run_id")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change a parameter")
+  p.add_argument("--home", default=None, help="runs directory (default $PATCHFLOW_HOME or ./runs)")
+  p.add_argument("--no-cache", action="store_true", help="run every step even if an identical one ran before")
+  p.set_defaults(func=_rerun)
   shards = sub.add_parser("shards", help="packed TFRecord shards").add_subparsers(dest="shards_command", required=True)
   p = shards.add_parser("build", help="manifest -> packed shards + dataset_info.json + errors.jsonl (Apache Beam)")
   p.add_argument("--manifest", required=True)

@@ -17,12 +17,12 @@ import sys
 import time
 from typing import Callable
 
-from pipelines import registry
+from pipelines import history, registry
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_PROGRESS_PREFIXES = ("build_shards:", "train:", "evaluate:")
+_PROGRESS_PREFIXES = ("build_shards:", "train:", "evaluate:", "cache:")
 _UNCHECKED_ARTIFACTS = {"system.Metrics", "system.ClassificationMetrics", "system.SlicedClassificationMetrics"}
 
 
@@ -106,19 +106,24 @@ def last_error_line(log_path: str, task: str) -> str | None:
   return found
 
 
-def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callable[[str], None] = print) -> dict:
-  """Runs one pipeline locally; returns the run record (status, steps, report path)."""
+def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callable[[str], None] = print,
+                 parent: str | None = None, run_id: str | None = None, use_cache: bool = True) -> dict:
+  """Runs one pipeline locally; returns the run record (status, steps, report path), also kept in history."""
   pipeline = registry.get_pipeline(name)
   defaults = {k: d for k, (_, d) in registry.signature(pipeline).items()}
-  run_id = new_run_id(name)
-  run_dir = os.path.join(home or runs_home(), run_id)
+  home = home or runs_home()
+  run_id = run_id or new_run_id(name)
+  run_dir = os.path.join(home, run_id)
   os.makedirs(run_dir)
   record = {"id": run_id, "pipeline": name, "params": {**defaults, **params}, "status": "RUNNING",
-            "run_dir": run_dir, "started": time.time(), "steps": {}}
+            "run_dir": run_dir, "pipeline_root": os.path.join(run_dir, "root"), "started": time.time(),
+            "steps": {}, "target": "local", "parent": parent}
   _write_json(os.path.join(run_dir, "run.json"), record)
+  history.save_run(home, record)
   log_path = os.path.join(run_dir, "kfp.log")
   echo(f"run {run_id}: pipeline {name}, log {log_path}")
-  env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+         "PATCHFLOW_CACHE": os.path.join(home, ".cache") if use_cache else ""}
   start, step_start, statuses = time.time(), {}, {}
   with open(log_path, "w", encoding="utf-8") as log:
     child = subprocess.Popen([sys.executable, "-m", "pipelines.local_run", run_dir], stdout=log,
@@ -139,12 +144,15 @@ def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callabl
         text = _ANSI.sub("", text)
         if (m := _EXECUTING.search(text)):
           step_start[m.group(1)] = time.time()
+          record["steps"][m.group(1)] = {"status": "RUNNING"}
+          history.save_run(home, record)
           echo(f"  [{time.time() - start:6.1f}s] {m.group(1)}: running")
         elif (m := _FINISHED.search(text)):
           task, status = m.group(1), m.group(2)
           statuses[task] = status
           seconds = time.time() - step_start.get(task, start)
           record["steps"][task] = {"status": status, "seconds": round(seconds, 2)}
+          history.save_run(home, record)
           echo(f"  [{time.time() - start:6.1f}s] {task}: {status} in {seconds:.1f}s")
         elif text.strip().startswith(_PROGRESS_PREFIXES):
           echo(f"      {text.strip()}")
@@ -159,6 +167,7 @@ def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callabl
   failed = [t for t, (v, _) in verdicts.items() if v == "FAILED"]
   not_run = [t for t, (v, _) in verdicts.items() if v == "NOT_RUN"]
   record["duration_seconds"] = round(time.time() - start, 2)
+  record["finished"] = time.time()
   record["execution_root"] = execution_root
   if failed or not_run or child.returncode != 0:
     record["status"] = "FAILED"
@@ -169,6 +178,7 @@ def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callabl
     shutil.copyfile(report_src, record["report"])
     record["status"] = "SUCCEEDED"
   _write_json(os.path.join(run_dir, "run.json"), record)
+  history.save_run(home, record)
   return record
 
 

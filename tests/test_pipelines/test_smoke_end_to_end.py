@@ -32,6 +32,32 @@ def test_smoke_run_succeeds_and_writes_the_report(tmp_path):
   for step in ("build-shards", "train", "evaluate", "report"):
     assert f"{step}: SUCCESS" in result.stdout  # progress is shown as steps finish
 
+  # Rerun unchanged: every step comes from the content-addressed cache.
+  again = _patchflow("rerun", run_id, home=tmp_path)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert re.fullmatch(r"run smoke-\S+ SUCCEEDED report=/\S+/report\.html", again.stdout.strip().splitlines()[-1])
+  for step in ("build_shards", "train", "evaluate", "report"):
+    assert f"cache: {step} hit" in again.stdout
+  # Change a training parameter: the data steps are reused, training and everything after it run again.
+  changed = _patchflow("rerun", run_id, "--set", "steps=13", home=tmp_path)
+  assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+  assert "cache: build_shards hit" in changed.stdout and "cache: train stored" in changed.stdout
+  assert "cache: evaluate stored" in changed.stdout
+
+  listed = json.loads(_patchflow("runs", "--json", home=tmp_path).stdout)
+  assert [r["status"] for r in listed] == ["SUCCEEDED"] * 3
+  assert listed[0]["params"]["steps"] == 13 and listed[0]["parent"] == run_id
+  assert {"id", "pipeline", "status", "params"} <= set(listed[0])
+  first = next(r for r in listed if r["id"] == run_id)
+  second = next(r for r in listed if r["parent"] == run_id and r["params"]["steps"] == 12)
+  assert second["duration_seconds"] <= first["duration_seconds"] / 3
+
+
+def test_rerun_of_an_unknown_id_is_a_clear_error(tmp_path):
+  result = _patchflow("rerun", "smoke-nope", home=tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.strip() == "patchflow: error: unknown run id 'smoke-nope' (see `patchflow runs`)"
+
 
 def test_a_failing_step_fails_the_run_loudly_with_its_name_and_error(tmp_path):
   result = _patchflow("run", "smoke", *SMALL, "--set", "max_patches_per_image=999", home=tmp_path)
