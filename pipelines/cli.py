@@ -15,10 +15,10 @@ from schemas.errors import ContractError
 
 def _compile(args) -> int:
   from kfp import compiler
-  pipeline = registry.get_pipeline(args.pipeline)
+  pipeline = registry.get_pipeline(args.pipeline, args.target)
   params = registry.parse_parameters(pipeline, args.set)
   compiler.Compiler().compile(pipeline, args.output, pipeline_parameters=params or None)
-  print(f"compiled {args.pipeline} -> {args.output}")
+  print(f"compiled {args.pipeline} for target {args.target or 'default'} -> {args.output}")
   return 0
 
 
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("compile", help="compile a pipeline to KFP IR YAML")
   p.add_argument("pipeline", help=f"one of: {', '.join(registry.names())}")
   p.add_argument("--output", required=True, help="path of the YAML to write")
+  p.add_argument("--target", default=None, help="runtime target of infra/targets.yaml: image and per-step resources")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter default")
   p.set_defaults(func=_compile)
   p = sub.add_parser("run", help="run a pipeline locally with kfp.local")

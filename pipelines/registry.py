@@ -5,9 +5,9 @@ import inspect
 from schemas.errors import ContractError
 
 
-def _smoke():
-  from pipelines.smoke import smoke
-  return smoke
+def _smoke(target):
+  from pipelines.smoke import build
+  return build(target)
 
 
 _PIPELINES = {"smoke": _smoke}
@@ -17,10 +17,12 @@ def names() -> list[str]:
   return sorted(_PIPELINES)
 
 
-def get_pipeline(name: str):
+def get_pipeline(name: str, target: str | None = None):
+  """The pipeline `name`, compiled against a runtime target of infra/targets.yaml when one is named."""
   if name not in _PIPELINES:
     raise ContractError(f"unknown pipeline {name!r} (known: {', '.join(names())})")
-  return _PIPELINES[name]()
+  from pipelines.targets import get_target
+  return _PIPELINES[name](get_target(target) if target else None)
 
 
 def signature(pipeline) -> dict[str, tuple[type, object]]:

@@ -74,3 +74,21 @@ def test_last_error_line_is_cut_from_the_failing_step(tmp_path):
       "    schemas.errors.ContractError: manifest.jsonl:3: not valid JSON",
       "12:01 - ERROR - Task 'b' finished with status FAILURE"]))
   assert last_error_line(str(log), "b") == "ContractError: manifest.jsonl:3: not valid JSON"
+
+
+def test_compile_for_a_target_applies_image_and_resources(tmp_path):
+  out = tmp_path / "tpu.yaml"
+  assert main(["compile", "smoke", "--target", "vertex-tpu", "--output", str(out)]) == 0
+  executors = yaml.safe_load(out.read_text())["deploymentSpec"]["executors"]
+  with_accelerator = {name for name, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
+  assert with_accelerator == {"exec-train"}  # the train step gets the TPU, no other step does
+  assert executors["exec-train"]["container"]["resources"]["accelerator"]["resourceType"] == "TPU_V5_LITEPOD"
+  assert executors["exec-train"]["container"]["resources"]["resourceMemoryLimit"] == "48G"
+  assert {e["container"]["image"] for e in executors.values()} == {
+      "us-docker.pkg.dev/YOUR_PROJECT/patchflow/patchflow:0.1.0-tpu"}
+
+
+def test_unknown_target_is_one_clear_line(capsys):
+  assert main(["compile", "smoke", "--target", "tpu-pod", "--output", "x.yaml"]) == 2
+  assert capsys.readouterr().err.strip() == (
+      "patchflow: error: unknown target 'tpu-pod' (known: local, vertex-cpu, vertex-gpu, vertex-tpu, kfp)")
