@@ -72,6 +72,13 @@ def _run_and_report(name: str, params: dict, home: str | None, parent: str | Non
   return 0
 
 
+def _ui(args) -> int:
+  from pipelines.local_run import runs_home
+  from pipelines.ui import serve
+  serve(args.home or runs_home(), args.host, args.port)
+  return 0
+
+
 def _shards_build(args) -> int:
   from beam_jobs.build_shards import ShardOptions, build_shards
   options = ShardOptions(seq_len=args.seq_len, patch_size=args.patch_size, max_images=args.max_images,
@@ -116,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--home", default=None, help="runs directory (default $PATCHFLOW_HOME or ./runs)")
   p.add_argument("--no-cache", action="store_true", help="run every step even if an identical one ran before")
   p.set_defaults(func=_rerun)
+  p = sub.add_parser("ui", help="web page over the runs, with Rerun")
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=8080)
+  p.add_argument("--home", default=None, help="runs directory (default $PATCHFLOW_HOME or ./runs)")
+  p.set_defaults(func=_ui)
   shards = sub.add_parser("shards", help="packed TFRecord shards").add_subparsers(dest="shards_command", required=True)
   p = shards.add_parser("build", help="manifest -> packed shards + dataset_info.json + errors.jsonl (Apache Beam)")
   p.add_argument("--manifest", required=True)

@@ -63,3 +63,21 @@ def coerce(key: str, kind: type, raw) -> object:
   if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
     raise ContractError(f"parameter {key!r}: expected {kind.__name__}, got {raw!r}")
   return value
+
+
+def dag_order(name: str) -> list[str]:
+  """Task names in a topological order of the pipeline's DAG (for display)."""
+  spec = get_pipeline(name).pipeline_spec
+  tasks = spec.root.dag.tasks
+  order, seen = [], set()
+
+  def visit(task):
+    if task in seen:
+      return
+    seen.add(task)
+    for upstream in tasks[task].dependent_tasks:
+      visit(upstream)
+    order.append(task)
+  for task in sorted(tasks):
+    visit(task)
+  return order

@@ -1,13 +1,21 @@
-"""The smoke DAG through the real `patchflow` command: kfp.local, in-process Beam, JAX on CPU."""
+"""The smoke DAG through the real `patchflow` command: kfp.local, in-process Beam, JAX on CPU; then history,
+cached reruns and the UI in a real headless Chromium, all on that one run."""
 
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+
+import pytest
 
 SMALL = ["--set", "num_train=60", "--set", "num_val=30", "--set", "num_test=30", "--set", "steps=12",
          "--set", "width=32", "--set", "depth=1"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _patchflow(*args, home):
@@ -15,9 +23,16 @@ def _patchflow(*args, home):
   return subprocess.run([exe, *args, "--home", str(home)], capture_output=True, text=True, timeout=600)
 
 
-def test_smoke_run_succeeds_and_writes_the_report(tmp_path):
-  result = _patchflow("run", "smoke", *SMALL, home=tmp_path)
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  home = tmp_path_factory.mktemp("home")
+  result = _patchflow("run", "smoke", *SMALL, home=home)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return home, result
+
+
+def test_smoke_run_succeeds_and_writes_the_report(smoke_run):
+  home, result = smoke_run
   last = result.stdout.strip().splitlines()[-1]
   match = re.fullmatch(r"run (smoke-\S+) SUCCEEDED report=(/\S+/report\.html)", last)
   assert match, last
@@ -25,32 +40,95 @@ def test_smoke_run_succeeds_and_writes_the_report(tmp_path):
   assert os.path.isabs(report) and os.path.exists(report)
   html = open(report, encoding="utf-8").read()
   assert "Validation accuracy" in html and "data:image/png;base64," in html
-  record = json.load(open(tmp_path / run_id / "run.json"))
+  record = json.load(open(home / run_id / "run.json"))
   assert record["status"] == "SUCCEEDED" and record["params"]["steps"] == 12
   assert {s["verdict"] for s in record["steps"].values()} == {"SUCCEEDED"}
   assert len(record["steps"]) == 5
   for step in ("build-shards", "train", "evaluate", "report"):
     assert f"{step}: SUCCESS" in result.stdout  # progress is shown as steps finish
 
-  # Rerun unchanged: every step comes from the content-addressed cache.
-  again = _patchflow("rerun", run_id, home=tmp_path)
+
+def _first_id(home):
+  return json.loads(_patchflow("runs", "--json", home=home).stdout)[-1]["id"]
+
+
+def test_reruns_reuse_cached_steps_and_are_listed(smoke_run):
+  home, _ = smoke_run
+  run_id = _first_id(home)
+  again = _patchflow("rerun", run_id, home=home)
   assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
   assert re.fullmatch(r"run smoke-\S+ SUCCEEDED report=/\S+/report\.html", again.stdout.strip().splitlines()[-1])
   for step in ("build_shards", "train", "evaluate", "report"):
     assert f"cache: {step} hit" in again.stdout
   # Change a training parameter: the data steps are reused, training and everything after it run again.
-  changed = _patchflow("rerun", run_id, "--set", "steps=13", home=tmp_path)
+  changed = _patchflow("rerun", run_id, "--set", "steps=13", home=home)
   assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
   assert "cache: build_shards hit" in changed.stdout and "cache: train stored" in changed.stdout
   assert "cache: evaluate stored" in changed.stdout
-
-  listed = json.loads(_patchflow("runs", "--json", home=tmp_path).stdout)
-  assert [r["status"] for r in listed] == ["SUCCEEDED"] * 3
-  assert listed[0]["params"]["steps"] == 13 and listed[0]["parent"] == run_id
+  listed = json.loads(_patchflow("runs", "--json", home=home).stdout)
   assert {"id", "pipeline", "status", "params"} <= set(listed[0])
+  assert listed[0]["params"]["steps"] == 13 and listed[0]["parent"] == run_id
   first = next(r for r in listed if r["id"] == run_id)
-  second = next(r for r in listed if r["parent"] == run_id and r["params"]["steps"] == 12)
-  assert second["duration_seconds"] <= first["duration_seconds"] / 3
+  cached = next(r for r in listed if r["parent"] == run_id and r["params"]["steps"] == 12)
+  assert cached["status"] == "SUCCEEDED" and cached["duration_seconds"] <= first["duration_seconds"] / 3
+  table = _patchflow("runs", home=home).stdout
+  assert run_id in table and "SUCCEEDED" in table
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_ui_rerun_button_in_headless_chromium(smoke_run, tmp_path):
+  if CHROMIUM is None:
+    if os.environ.get("CI"):
+      pytest.fail("chromium is not installed; .ci/run installs it")
+    pytest.skip("chromium is not installed (apt-get install chromium)")
+  from playwright.sync_api import sync_playwright
+  home, _ = smoke_run
+  run_id = _first_id(home)
+  port = _free_port()
+  exe = os.path.join(os.path.dirname(sys.executable), "patchflow")
+  server = subprocess.Popen([exe, "ui", "--home", str(home), "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  base = f"http://127.0.0.1:{port}"
+  try:
+    for _ in range(100):
+      try:
+        urllib.request.urlopen(base + "/api/runs", timeout=1)
+        break
+      except OSError:
+        time.sleep(0.1)
+    with sync_playwright() as p:
+      browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+          "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+          "--disable-component-update", "--disable-sync"])
+      page = browser.new_page()
+      page.goto(base + "/")
+      assert page.locator(f"tr[data-run='{run_id}']").count() == 1
+      page.locator(f"tr[data-run='{run_id}'] button").click()
+      page.wait_for_url(re.compile(r".*/runs/smoke-.*"))
+      new_id = page.url.rsplit("/", 1)[1]
+      assert new_id != run_id
+      page.wait_for_function("document.getElementById('status').textContent == 'SUCCEEDED'", timeout=300_000)
+      assert "rerun of" in page.content() and page.locator(".step.SUCCEEDED").count() == 5
+      page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
+      # "Rerun with changes" validates against the pipeline's signature.
+      page.fill("input[name=steps]", "lots")
+      page.click("form#changes button")
+      page.wait_for_function("document.getElementById('message').textContent.length > 0")
+      assert "parameter 'steps': expected int, got 'lots'" in page.text_content("#message")
+      browser.close()
+    record = json.loads(urllib.request.urlopen(f"{base}/api/runs/{new_id}").read())
+    assert record["status"] == "SUCCEEDED" and record["parent"] == run_id
+    request = urllib.request.Request(f"{base}/files/../../etc/passwd")
+    with pytest.raises(urllib.error.HTTPError):
+      urllib.request.urlopen(request)
+  finally:
+    server.terminate()
+    server.wait(10)
 
 
 def test_rerun_of_an_unknown_id_is_a_clear_error(tmp_path):
