@@ -72,6 +72,18 @@ def _run_and_report(name: str, params: dict, home: str | None, parent: str | Non
   return 0
 
 
+def _submit(args) -> int:
+  from pipelines.local_run import runs_home
+  from pipelines.submit import submit
+  pipeline = registry.get_pipeline(args.pipeline, args.target)
+  params = registry.parse_parameters(pipeline, args.set)
+  record = submit(args.pipeline, args.target, params, args.home or runs_home(), project=args.project,
+                  region=args.region, pipeline_root=args.pipeline_root, kfp_host=args.kfp_host,
+                  enable_caching=not args.no_cache)
+  print(f"submitted {record['id']} to {'Kubeflow' if args.kfp_host else 'Vertex AI'}: {record['console_url']}")
+  return 0
+
+
 def _ui(args) -> int:
   from pipelines.local_run import runs_home
   from pipelines.ui import serve
@@ -113,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--home", default=None, help="runs directory (default $PATCHFLOW_HOME or ./runs)")
   p.add_argument("--no-cache", action="store_true", help="run every step even if an identical one ran before")
   p.set_defaults(func=_run)
+  p = sub.add_parser("submit", help="submit to Vertex AI Pipelines or a Kubeflow Pipelines host")
+  p.add_argument("pipeline", help=f"one of: {', '.join(registry.names())}")
+  p.add_argument("--target", required=True, help="runtime target of infra/targets.yaml")
+  p.add_argument("--project", help="Vertex AI: Google Cloud project")
+  p.add_argument("--region", help="Vertex AI: region, e.g. us-central1")
+  p.add_argument("--pipeline-root", help="gs:// root for the run's artifacts")
+  p.add_argument("--kfp-host", help="Kubeflow Pipelines endpoint URL (instead of Vertex AI)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a pipeline parameter")
+  p.add_argument("--no-cache", action="store_true", help="disable the backend's step caching")
+  p.add_argument("--home", default=None, help="runs directory for the history (default $PATCHFLOW_HOME or ./runs)")
+  p.set_defaults(func=_submit)
   p = sub.add_parser("runs", help="list local and submitted runs")
   p.add_argument("--json", action="store_true", help="print a JSON list of run objects")
   p.add_argument("--home", default=None, help="runs directory (default $PATCHFLOW_HOME or ./runs)")
