@@ -4,6 +4,7 @@ import json
 import os
 from typing import Any
 
+from schemas import storage
 from schemas.errors import ContractError
 from schemas.packed import PackedSpec, check_fingerprint
 
@@ -28,10 +29,10 @@ def validate_dataset_info(info: dict[str, Any], where: str = FILENAME) -> dict[s
 
 
 def read_dataset_info(shard_dir: str) -> dict[str, Any]:
-  path = os.path.join(shard_dir, FILENAME)
-  if not os.path.exists(path):
+  path = storage.join(shard_dir, FILENAME)
+  if not storage.exists(path):
     raise ContractError(f"{path}: not found; is {shard_dir!r} a patchflow shard directory?")
-  with open(path, encoding="utf-8") as f:
+  with storage.open_file(path, "r") as f:
     try:
       info = json.load(f)
     except json.JSONDecodeError as e:
@@ -47,4 +48,4 @@ def packed_spec(info: dict[str, Any]) -> PackedSpec:
 def split_shard_paths(shard_dir: str, info: dict[str, Any], split: str) -> list[str]:
   if split not in info["splits"]:
     raise ContractError(f"{shard_dir}: no split {split!r} (has: {sorted(info['splits'])})")
-  return [os.path.join(shard_dir, s["path"]) for s in info["shards"] if s["split"] == split]
+  return [storage.join(shard_dir, s["path"]) for s in info["shards"] if s["split"] == split]

@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 
 SMALL_SPLITS = {"train": 48, "val": 24, "test": 12}
@@ -22,3 +24,20 @@ def shard_dir(synthetic_dir, tmp_path_factory):
   build_shards(str(synthetic_dir / "manifest.jsonl"), str(out),
                ShardOptions(seq_len=128, patch_size=16, max_images=8, max_patches_per_image=32, num_shards=2))
   return out
+
+
+@pytest.fixture
+def gcs_emulator(monkeypatch):
+  """A local GCS emulator (gcp-storage-emulator) with bucket `patchflow-test`; clients reach it through
+  STORAGE_EMULATOR_HOST, their documented endpoint setting. Yields a storage client bound to it."""
+  from gcp_storage_emulator.server import create_server
+  from schemas import storage
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = create_server("127.0.0.1", port, in_memory=True, default_bucket="patchflow-test")
+  server.start()
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+  monkeypatch.setattr(storage, "_client", None)
+  yield storage._gcs()
+  server.stop()

@@ -3,7 +3,10 @@
 
 import numpy as np
 
+import struct
+
 from schemas import dataset_info as info_lib
+from schemas import storage
 
 MODEL_INPUTS = ("patches", "patch_yx", "segment_ids", "image_grid", "labels")
 
@@ -14,7 +17,12 @@ def load_split(shard_dir: str, split: str, info: dict | None = None, fields=MODE
   info = info or info_lib.read_dataset_info(shard_dir)
   spec = info_lib.packed_spec(info)
   paths = info_lib.split_shard_paths(shard_dir, info, split)
-  dataset = tf.data.TFRecordDataset(paths).batch(256).map(spec.tf_parse)
+  if storage.is_gcs(shard_dir):
+    # Through google-cloud-storage (which honours STORAGE_EMULATOR_HOST), not TensorFlow's gs:// filesystem.
+    records = [r for p in paths for r in iter_tfrecords(storage.read_bytes(p), p)]
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(records, tf.string)).batch(256).map(spec.tf_parse)
+  else:
+    dataset = tf.data.TFRecordDataset(paths).batch(256).map(spec.tf_parse)
   chunks = {name: [] for name in fields}
   for batch in dataset.as_numpy_iterator():
     for name in fields:
@@ -33,3 +41,18 @@ def batch_indices(num_sequences: int, batch_size: int, step: int, seed: int) -> 
     order = np.random.default_rng([seed, epoch]).permutation(num_sequences)
     out.extend(order[offset:offset + batch_size - len(out)])
   return np.asarray(out)
+
+
+def iter_tfrecords(data: bytes, where: str):
+  """Records of a TFRecord file's bytes: [u64 length][u32 crc][data][u32 crc] each (CRCs not re-checked;
+  a truncated file is an error naming it)."""
+  offset = 0
+  while offset < len(data):
+    if offset + 12 > len(data):
+      raise ValueError(f"{where}: truncated TFRecord header at byte {offset}")
+    (length,) = struct.unpack_from("<Q", data, offset)
+    start, end = offset + 12, offset + 12 + length
+    if end + 4 > len(data):
+      raise ValueError(f"{where}: truncated TFRecord at byte {offset}")
+    yield data[start:end]
+    offset = end + 4

@@ -1,0 +1,54 @@
+"""Local paths and gs:// URIs behind one small interface (google-cloud-storage, which honours
+STORAGE_EMULATOR_HOST, so tests run against a local emulator; TensorFlow's own gs:// filesystem does not)."""
+
+import os
+from typing import IO
+
+_client = None
+
+
+def is_gcs(path: str) -> bool:
+  return path.startswith("gs://")
+
+
+def _split(uri: str) -> tuple[str, str]:
+  bucket, _, name = uri[len("gs://"):].partition("/")
+  return bucket, name
+
+
+def _gcs():
+  global _client
+  if _client is None:
+    from google.cloud import storage
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+      from google.auth.credentials import AnonymousCredentials
+      _client = storage.Client(project="patchflow-local", credentials=AnonymousCredentials())
+    else:
+      _client = storage.Client()
+  return _client
+
+
+def open_file(path: str, mode: str = "rb") -> IO:
+  if is_gcs(path):
+    bucket, name = _split(path)
+    return _gcs().bucket(bucket).blob(name).open(mode)
+  return open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def exists(path: str) -> bool:
+  if is_gcs(path):
+    bucket, name = _split(path)
+    return _gcs().bucket(bucket).blob(name).exists()
+  return os.path.exists(path)
+
+
+def read_bytes(path: str) -> bytes:
+  if is_gcs(path):
+    bucket, name = _split(path)
+    return _gcs().bucket(bucket).blob(name).download_as_bytes()
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def join(base: str, *parts: str) -> str:
+  return "/".join([base.rstrip("/"), *parts]) if is_gcs(base) else os.path.join(base, *parts)
