@@ -364,3 +364,21 @@ def test_bad_options_are_one_line_contract_errors(kwargs, message):
   with pytest.raises(ContractError) as e:
     ShardOptions(**kwargs)
   assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_inputs_and_outputs_go_through_beam_filesystems_only(synthetic_dir, shard_dir):
+  """The whole job on `memfs://` (a GCS-like in-memory FileSystem): manifest, classes.json, images, shards,
+  dataset_info.json, errors.jsonl and lineage.json are all read and written through FileSystems."""
+  from tests.test_beam_jobs import memfs
+  for path in synthetic_dir.rglob("*"):
+    if path.is_file():
+      memfs.OBJECTS[f"memfs://bucket/data/{path.relative_to(synthetic_dir)}"] = path.read_bytes()
+  info = build_shards("memfs://bucket/data/manifest.jsonl", "memfs://bucket/shards", OPTIONS)
+  local = read_dataset_info(str(shard_dir))
+  assert [(s["path"], s["sha256"]) for s in info["shards"]] == [(s["path"], s["sha256"]) for s in local["shards"]]
+  for s in info["shards"]:
+    assert memfs.OBJECTS[f"memfs://bucket/shards/{s['path']}"] == (shard_dir / s["path"]).read_bytes()
+  assert info["class_names"] == local["class_names"]
+  assert json.loads(memfs.OBJECTS["memfs://bucket/shards/lineage.json"])["inputs"]["manifest"]["fingerprint"]
+  assert "memfs://bucket/shards/errors.jsonl" in memfs.OBJECTS
+  assert not [p for p in memfs.OBJECTS if ".tmp-" in p]

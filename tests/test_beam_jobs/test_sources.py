@@ -138,3 +138,31 @@ def test_tfds_dataset_gives_manifest_records_with_inline_images(tfds_dir):
 def test_tfds_not_prepared_is_a_clear_error(tmp_path):
   with pytest.raises(ContractError, match=r"source 'tfds:no_such_dataset_xyz': not prepared in data_dir"):
     plan_tfds("tfds:no_such_dataset_xyz", str(tmp_path))
+
+
+def test_a_tfds_dataset_builds_shards_like_a_manifest(tfds_dir, tmp_path):
+  import tensorflow as tf
+  from beam_jobs import image_ops
+  from beam_jobs.build_shards import ShardOptions, build_shards
+  from schemas.dataset_info import packed_spec
+  options = ShardOptions(seq_len=32, patch_size=8, max_images=4, max_patches_per_image=16, num_shards=1,
+                         text_len=16)
+  info = build_shards("tfds:tiny_patchflow_shapes", str(tmp_path), options, tfds_data_dir=tfds_dir)
+  assert info["num_examples"] == 8 and info["num_errors"] == 0 and info["num_manifest_lines"] == 8
+  assert info["class_names"] == ["red", "green", "blue"] and set(info["splits"]) == {"train", "test"}
+  spec = packed_spec(info)
+  captions = 0
+  for shard in info["shards"]:
+    for record in tf.data.TFRecordDataset(str(tmp_path / shard["path"])):
+      ex = {k: v.numpy() for k, v in spec.tf_parse(record).items()}
+      for slot, rid in enumerate(ex["example_ids"]):
+        if not rid:
+          continue
+        text = ex["text_tokens"][ex["text_segment_ids"] == slot + 1]
+        i = int(bytes((text - 1).astype("uint8").tolist()).decode().split()[1])
+        rows, cols = ex["image_grid"][slot]
+        patches = ex["patches"][ex["segment_ids"] == slot + 1]
+        image = image_ops.unpatchify(patches, rows, cols, 8)
+        assert ex["labels"][slot] == i % 3 and image[..., i % 3].mean() > 150
+        captions += 1
+  assert captions == 8
