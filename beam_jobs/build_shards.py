@@ -1,15 +1,16 @@
 """The shard builder: source records -> plan (image size, patch grid, tokens) -> pack -> decode, patchify and
 write deterministic TFRecord shards, with dataset_info.json and errors.jsonl beside them.
 
-  source ──► FirstOfDuplicates ──► Plan ──► windows ──► PackWindow ──┬──► (split, shard) ──► WriteShard ──► WriteInfo
-  (manifest/                       (reads     (hash of    best-fit     │      ▲
-   synthetic/                       headers)   the id)    decreasing   └► tail pool ─► PackTail
-   tfds)
+  source ──► Plan ──► windows ──► PackWindow ─────────┬──► (split, shard) ──► WriteShard ──► WriteInfo
+  (manifest/  (reads    (hash of   first line of an id │      ▲
+   synthetic/  headers)  the id)    wins; best-fit      └► tail pool ─► PackTail
+   tfds)                            decreasing
 
 Only metadata travels through the shuffles: the pixels are decoded once, by the worker that writes the shard,
 so the job's memory and shuffle volume do not grow with image size. Run it as a library (`build_shards(...)`)
 or through `patchflow shards build`. The default runner is Beam's in-process FnApiRunner, named explicitly so
-Beam never tries to download a Prism binary; `workers` > 1 runs it with that many worker processes. Every read
+Beam never tries to download a Prism binary; `workers` > 1 runs it with that many worker threads (or processes
+with `--direct_running_mode=multi_processing` among the Beam args). Every read
 and write goes through Beam's FileSystems, so inputs and outputs may be local paths or gs:// URIs.
 """
 
@@ -145,6 +146,18 @@ class Planned:
     return self.example.record.line
 
 
+_FILESYSTEMS: dict[str | None, Any] = {}
+
+
+def _filesystem(path: str):
+  """FileSystems.get_filesystem, cached per scheme: the lookup walks every FileSystem subclass on each call,
+  which costs more than reading a small local file."""
+  scheme = FileSystems.get_scheme(path)
+  if scheme not in _FILESYSTEMS:
+    _FILESYSTEMS[scheme] = FileSystems.get_filesystem(path)
+  return _FILESYSTEMS[scheme]
+
+
 def read_location(example: SourceExample, index: int) -> bytes:
   """The encoded bytes of the example's image (or frame `index`), inline or read through FileSystems."""
   if example.data is not None:
@@ -152,7 +165,7 @@ def read_location(example: SourceExample, index: int) -> bytes:
   else:
     path = example.locations[index]
     try:
-      with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      with _filesystem(path).open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         data = f.read()
     except Exception as e:  # noqa: BLE001 - any IO failure is this record's error, never the job's.
       try:
@@ -205,6 +218,23 @@ def plan_example(example: SourceExample, options: ShardOptions) -> Planned:
   return Planned(example, rows, cols, frames, tokens)
 
 
+@dataclasses.dataclass(frozen=True)
+class Unplannable:
+  """An example whose image could not be planned; it still goes to its window, where duplicate ids are
+  resolved (the first line wins even when its image is bad), and becomes an error row there."""
+  example: SourceExample
+  reason: str
+  detail: str
+
+  @property
+  def id(self) -> str:
+    return self.example.record.id
+
+  @property
+  def line(self) -> int:
+    return self.example.record.line
+
+
 class PlanExamples(beam.DoFn):
   def __init__(self, options: ShardOptions):
     self._options = options
@@ -212,36 +242,27 @@ class PlanExamples(beam.DoFn):
     self._failed = Metrics.counter(NAMESPACE, "examples_failed_planning")
     self._progress = _Progress("examples planned")
 
-  def process(self, example: SourceExample):
+  def process(self, example):  # a SourceExample (no annotation: Beam would type-check it against inferred unions)
     try:
       planned = plan_example(example, self._options)
     except ExampleError as e:
       self._failed.inc()
-      yield beam.pvalue.TaggedOutput("errors", error_row(example.record.line, example.record.id, e.reason, e.detail))
+      yield Unplannable(example, e.reason, e.detail)
       return
     self._planned.inc()
     self._progress.add()
     yield planned
 
 
-def keep_first_of_duplicates(id_and_examples):
-  """The example with the lowest line number wins; the others become errors."""
-  rid, examples = id_and_examples
-  examples = sorted(examples, key=lambda e: e.record.line)
-  yield examples[0]
-  for dup in examples[1:]:
-    yield beam.pvalue.TaggedOutput(
-        "errors", error_row(dup.record.line, rid, "duplicate_id", f"id {rid!r} first seen on line {examples[0].record.line}"))
-
-
 # ------------------------------------------------------------------------------------------------------- packing
 
-def split_stats(planned: Iterable[Planned]) -> dict[str, tuple[int, int]]:
-  """split -> (examples, tokens); the Beam job computes the same with a combiner."""
+def split_stats(planned: Iterable["Planned | Unplannable"]) -> dict[str, tuple[int, int]]:
+  """split -> (examples, tokens) of the planned examples; the Beam job computes the same with a combiner."""
   out: dict[str, tuple[int, int]] = {}
   for p in planned:
-    count, tokens = out.get(p.split, (0, 0))
-    out[p.split] = (count + 1, tokens + p.tokens)
+    if isinstance(p, Planned):
+      count, tokens = out.get(p.split, (0, 0))
+      out[p.split] = (count + 1, tokens + p.tokens)
   return out
 
 
@@ -250,9 +271,10 @@ def shards_for_split(stats: tuple[int, int], options: ShardOptions) -> int:
   return max(1, min(options.num_shards, math.ceil(stats[1] / options.seq_len)))
 
 
-def window_key(planned: Planned, stats: dict[str, tuple[int, int]], options: ShardOptions):
-  windows = packing.num_windows(stats[planned.split][0], options.window_size)
-  return (planned.split, packing.window_of(planned.id, windows)), planned
+def window_key(item: "Planned | Unplannable", stats: dict[str, tuple[int, int]], options: ShardOptions):
+  """Windows by a hash of the id over all splits, so all records of one id meet in one window."""
+  windows = packing.num_windows(sum(count for count, _ in stats.values()), options.window_size)
+  return packing.window_of(item.id, windows), item
 
 
 def bin_hash(split: str, ids: list[str]) -> str:
@@ -260,15 +282,17 @@ def bin_hash(split: str, ids: list[str]) -> str:
 
 
 def assign_bins(split: str, bins: list[list[Planned]], salt: str, num_shards: int):
-  """Bins -> ((split, shard, n), (bin hash, slot, planned)) per example. Bins are ordered by a hash of their
+  """Bins -> ((split, shard, n), [(bin hash, slot, planned), ...]), one element per shard that gets bins
+  (Beam moves a few big elements much more cheaply than many small ones). Bins are ordered by a hash of their
   content and dealt round-robin from an offset drawn from `salt`, so shards are balanced and the assignment
   depends only on the content."""
   hashed = sorted((bin_hash(split, [p.id for p in b]), b) for b in bins)
   offset = packing.stable_hash(f"{split}\0{salt}") % num_shards
+  per_shard: dict[tuple[str, int, int], list] = {}
   for rank, (h, members) in enumerate(hashed):
     key = (split, (offset + rank) % num_shards, num_shards)
-    for slot, p in enumerate(members):
-      yield key, (h, slot, p)
+    per_shard.setdefault(key, []).extend((h, slot, p) for slot, p in enumerate(members))
+  yield from sorted(per_shard.items(), key=lambda kv: kv[0])
 
 
 def pack_planned(planned: list[Planned], options: ShardOptions) -> list[list[Planned]]:
@@ -278,28 +302,50 @@ def pack_planned(planned: list[Planned], options: ShardOptions) -> list[list[Pla
 
 
 class PackWindow(beam.DoFn):
-  """One window -> its finished bins, assigned to shards; the items of partly filled bins go to the tail pool."""
+  """One window: duplicate ids resolved (the lowest line wins, the others are errors), unplannable winners
+  become errors, then each split's examples are packed best-fit decreasing. Finished bins are assigned to
+  shards; the examples of partly filled bins go to the tail pool of their split. Also emits the window's
+  largest label (for num_classes)."""
 
   def __init__(self, options: ShardOptions):
     self._options = options
     self._tail = Metrics.counter(NAMESPACE, "examples_to_tail_pool")
+    self._duplicates = Metrics.counter(NAMESPACE, "duplicate_ids")
 
-  def process(self, key_and_planned, stats):
-    (split, window), planned = key_and_planned
+  def process(self, window_and_items, stats):
+    window, items = window_and_items
     opts = self._options
-    planned = list(planned)
-    by_id = {p.id: p for p in planned}
-    finished, tail = packing.pack_window([(p.id, p.tokens) for p in planned], opts.seq_len, opts.max_images)
-    yield from assign_bins(split, [[by_id[k] for k in b] for b in finished], f"window{window}",
-                           shards_for_split(stats[split], opts))
-    self._tail.inc(len(tail))
-    for k, _ in tail:
-      yield beam.pvalue.TaggedOutput("tail", (split, by_id[k]))
+    by_id: dict[str, list] = {}
+    max_label = -1
+    for item in items:
+      by_id.setdefault(item.id, []).append(item)
+      max_label = max(max_label, item.example.record.label)
+    yield beam.pvalue.TaggedOutput("labels", max_label)
+    by_split: dict[str, list[Planned]] = {}
+    for rid in sorted(by_id):
+      first, *duplicates = sorted(by_id[rid], key=lambda it: it.line)
+      for dup in duplicates:
+        self._duplicates.inc()
+        yield beam.pvalue.TaggedOutput(
+            "errors", error_row(dup.line, rid, "duplicate_id", f"id {rid!r} first seen on line {first.line}"))
+      if isinstance(first, Unplannable):
+        yield beam.pvalue.TaggedOutput("errors", error_row(first.line, rid, first.reason, first.detail))
+      else:
+        by_split.setdefault(first.split, []).append(first)
+    for split in sorted(by_split):
+      planned = {p.id: p for p in by_split[split]}
+      finished, tail = packing.pack_window([(p.id, p.tokens) for p in by_split[split]], opts.seq_len,
+                                           opts.max_images)
+      yield from assign_bins(split, [[planned[k] for k in b] for b in finished], f"window{window}",
+                             shards_for_split(stats[split], opts))
+      self._tail.inc(len(tail))
+      if tail:
+        yield beam.pvalue.TaggedOutput("tail", (split, [planned[k] for k, _ in tail]))
 
 
-def pack_tail(split_and_planned, stats, options: ShardOptions):
-  split, planned = split_and_planned
-  bins = pack_planned(list(planned), options)
+def pack_tail(split_and_batches, stats, options: ShardOptions):
+  split, batches = split_and_batches
+  bins = pack_planned([p for batch in batches for p in batch], options)
   yield from assign_bins(split, bins, "tail", shards_for_split(stats[split], options))
 
 
@@ -391,8 +437,8 @@ def assemble_sequence(examples: list[dict[str, Any]], spec: PackedSpec) -> tuple
   return {"patches": patches, **fields}, text_cut
 
 
-def encode_sequence(fields: dict[str, np.ndarray], patch_chunks: list, spec: PackedSpec) -> bytes:
-  """The packed example as tf.train.Example bytes (the same bytes as PackedSpec.to_tf_example_bytes)."""
+def sequence_pieces(fields: dict[str, np.ndarray], patch_chunks: list, spec: PackedSpec) -> tuple[list, int]:
+  """The packed example as the pieces of its tf.train.Example bytes, and their total length."""
   features = {}
   for name, (dtype, _) in spec.fields().items():
     if name == "patches":
@@ -403,7 +449,12 @@ def encode_sequence(fields: dict[str, np.ndarray], patch_chunks: list, spec: Pac
       features[name] = ("bytes", list(fields[name]))
     else:
       features[name] = ("int64", fields[name])
-  return tfrecord.encode_example(features)
+  return tfrecord.example_pieces(features)
+
+
+def encode_sequence(fields: dict[str, np.ndarray], patch_chunks: list, spec: PackedSpec) -> bytes:
+  """The packed example as tf.train.Example bytes (the same bytes as PackedSpec.to_tf_example_bytes)."""
+  return b"".join(sequence_pieces(fields, patch_chunks, spec)[0])
 
 
 def token_buckets(seq_len: int) -> list[int]:
@@ -435,9 +486,8 @@ class WriteShard(beam.DoFn):
     (split, shard, num_shards), items = key_and_items
     opts, spec = self._options, self._options.spec
     bins: dict[str, list[tuple[int, Planned]]] = {}
-    for item in items:
-      if item is not None:
-        h, slot, planned = item
+    for batch in items:
+      for h, slot, planned in batch or ():  # None: the marker of a shard that may get no bin
         bins.setdefault(h, []).append((slot, planned))
     rel, path = shard_path(self._output_dir, split, shard, num_shards)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
@@ -534,8 +584,9 @@ def _read_text(path: str) -> str:
     return f.read().decode("utf-8")
 
 
-def write_info(_, shards, errors, num_lines, max_label, output_dir, options, class_names, source):
+def write_info(_, shards, errors, max_label, output_dir, options, class_names, source):
   errors = sorted(errors, key=lambda e: (e["line"], e["reason"], e["id"] or ""))
+  num_lines = sum(s["num_images"] for s in shards) + len(errors)
   num_classes = len(class_names) or max(1, max_label + 1)
   info = summarize(list(shards), errors, num_lines, options, num_classes, class_names, source)
   _write_text(FileSystems.join(output_dir, info_lib.ERRORS_FILENAME),
@@ -545,7 +596,8 @@ def write_info(_, shards, errors, num_lines, max_label, output_dir, options, cla
 
 class BuildShards(beam.PTransform):
   """{"examples", "errors"} of a source -> shard files; returns {"shards": shard stats, "errors": error rows,
-  "num_lines": one count, "max_label": one int}."""
+  "max_label": one int}. Every source record ends as exactly one written image or one error row, so the number
+  of records is the sum of the two."""
 
   def __init__(self, output_dir: str, options: ShardOptions):
     super().__init__()
@@ -554,19 +606,18 @@ class BuildShards(beam.PTransform):
   def expand(self, source):
     opts = self._options
     examples, source_errors = source["examples"], source["errors"]
-    unique = (examples
-              | "KeyById" >> beam.Map(lambda e: (e.record.id, e))
-              | "GroupById" >> beam.GroupByKey()
-              | "FirstOfDuplicates" >> beam.FlatMap(keep_first_of_duplicates).with_outputs("errors", main="examples"))
-    planned = unique.examples | "Plan" >> beam.ParDo(PlanExamples(opts)).with_outputs("errors", main="planned")
-    stats = (planned.planned
-             | "SplitTokens" >> beam.Map(lambda p: (p.split, (1, p.tokens)))
+    planned = examples | "Plan" >> beam.ParDo(PlanExamples(opts))
+    stats = (planned
+             | "SplitTokens" >> beam.FlatMap(lambda p: [(p.split, (1, p.tokens))] if isinstance(p, Planned) else [])
              | "SumPerSplit" >> beam.CombinePerKey(_sum_pairs))
     stats_side = beam.pvalue.AsDict(stats)
-    windows = (planned.planned
+    windows = (planned
                | "KeyByWindow" >> beam.Map(window_key, stats_side, opts)
-               | "GroupByWindow" >> beam.GroupByKey()
-               | "PackWindow" >> beam.ParDo(PackWindow(opts), stats_side).with_outputs("tail", main="assigned"))
+               # A list-building combiner, not a GroupByKey: it is lifted ahead of the shuffle, which then
+               # moves one list per window and bundle instead of one element per example.
+               | "GroupByWindow" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
+               | "PackWindow" >> beam.ParDo(PackWindow(opts), stats_side).with_outputs(
+                   "tail", "errors", "labels", main="assigned"))
     tail = (windows.tail
             | "GroupTailBySplit" >> beam.GroupByKey()
             | "PackTail" >> beam.FlatMap(pack_tail, stats_side, opts))
@@ -575,15 +626,9 @@ class BuildShards(beam.PTransform):
                | "AllAssigned" >> beam.Flatten()
                | "GroupByShard" >> beam.GroupByKey()
                | "WriteShard" >> beam.ParDo(WriteShard(self._output_dir, opts)).with_outputs("errors", main="shards"))
-    errors = ((source_errors, unique.errors, planned.errors, written.errors)
-              | "AllErrors" >> beam.Flatten())
-    num_lines = ((examples | "OneExample" >> beam.Map(lambda _: 1),
-                  source_errors | "OneError" >> beam.Map(lambda _: 1))
-                 | "AllLines" >> beam.Flatten()
-                 | "CountLines" >> beam.CombineGlobally(sum))
-    max_label = (examples | "Labels" >> beam.Map(lambda e: e.record.label)
-                 | "MaxLabel" >> beam.CombineGlobally(lambda labels: max(labels, default=-1)))
-    return {"shards": written.shards, "errors": errors, "num_lines": num_lines, "max_label": max_label}
+    errors = (source_errors, windows.errors, written.errors) | "AllErrors" >> beam.Flatten()
+    max_label = windows.labels | "MaxLabel" >> beam.CombineGlobally(lambda labels: max(labels, default=-1))
+    return {"shards": written.shards, "errors": errors, "max_label": max_label}
 
 
 # ------------------------------------------------------------------------------------------------------- driver
@@ -602,7 +647,9 @@ def pipeline_runner(beam_args: list[str] | None, workers: int | None):
   if workers is not None:
     direct.direct_num_workers = workers
     if not any(a.startswith("--direct_running_mode") for a in beam_args):
-      direct.direct_running_mode = "multi_processing" if workers > 1 else "in_memory"
+      # Threads, not processes: the heavy parts (JPEG/PNG decoding, resizing, sha256, file IO) release the GIL,
+      # and each worker process would first spend about 3 CPU-seconds importing Beam's SDK harness.
+      direct.direct_running_mode = "multi_threading" if workers > 1 else "in_memory"
   return FnApiRunner(), options  # in-process; naming it keeps Beam from fetching a Prism binary.
 
 
@@ -656,8 +703,8 @@ def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOp
   outputs = pipeline | "Source" >> source.transform | "BuildShards" >> BuildShards(output_dir, options)
   _ = (pipeline | "Once" >> beam.Create([None])
        | "WriteInfo" >> beam.Map(write_info, beam.pvalue.AsList(outputs["shards"]),
-                                 beam.pvalue.AsList(outputs["errors"]), beam.pvalue.AsSingleton(outputs["num_lines"]),
-                                 beam.pvalue.AsSingleton(outputs["max_label"]), output_dir, options,
+                                 beam.pvalue.AsList(outputs["errors"]), beam.pvalue.AsSingleton(outputs["max_label"]),
+                                 output_dir, options,
                                  source.class_names, source.description))
   result = pipeline.run()
   result.wait_until_finish()

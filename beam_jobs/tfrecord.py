@@ -27,7 +27,12 @@ def masked_crc32c(data: bytes) -> int:
   return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
+_SMALL_VARINTS = [bytes((v,)) for v in range(128)]
+
+
 def _varint(value: int) -> bytes:
+  if 0 <= value < 128:
+    return _SMALL_VARINTS[value]
   value &= (1 << 64) - 1
   out = bytearray()
   while True:
@@ -59,7 +64,7 @@ def _varints(values: np.ndarray) -> bytes:
 
 def _tag(number: int) -> bytes:
   """The key of a length-delimited field (wire type 2)."""
-  return _varint(number << 3 | 2)
+  return _SMALL_VARINTS[number << 3 | 2] if number < 16 else _varint(number << 3 | 2)
 
 
 def _field(number: int, payload: bytes) -> bytes:

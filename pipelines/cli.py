@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-patches-per-image", type=int, default=None, help="per-image patch budget (default: L)")
   p.add_argument("--num-shards", type=int, default=2, help="shards per split (fewer for a tiny split)")
   p.add_argument("--workers", type=int, default=None,
-                 help="local Beam worker processes (in-process runner only; default 1)")
+                 help="local Beam workers (threads of the in-process runner; default 1)")
   p.add_argument("--seed", type=int, default=0, help="seed of resolution sampling and token dropping")
   p.add_argument("--resolution-sampling", default="none", metavar="SPEC",
                  help="none | uniform:LO:HI | loguniform:LO:HI (patch budget per example)")

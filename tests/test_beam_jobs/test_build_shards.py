@@ -12,7 +12,7 @@ from PIL import Image
 
 from beam_jobs import image_ops
 from beam_jobs.build_shards import (PackWindow, Planned, ShardOptions, build_shards, pack_tail, pipeline_runner,
-                                    split_stats)
+                                    split_stats, window_key)
 from beam_jobs.sources import SourceExample
 from schemas.dataset_info import packed_spec, read_dataset_info
 from schemas.errors import ContractError
@@ -35,9 +35,10 @@ def test_windows_and_tail_pool_assign_every_example_once_within_both_limits():
 
   def check(assigned):
     bins = {}
-    for (split, shard, n), (h, slot, p) in assigned:
+    for (split, shard, n), batch in assigned:
       assert split == "train" and n == 3 and 0 <= shard < 3
-      bins.setdefault((shard, h), []).append((slot, p.id))
+      for h, slot, p in batch:
+        bins.setdefault((shard, h), []).append((slot, p.id))
     ids = [rid for members in bins.values() for _, rid in members]
     assert sorted(ids) == sorted(sizes)
     for members in bins.values():
@@ -48,9 +49,10 @@ def test_windows_and_tail_pool_assign_every_example_once_within_both_limits():
   with TestPipeline(runner="FnApiRunner") as p:
     stats_side = beam.pvalue.AsDict(p | "Stats" >> beam.Create(list(stats.items())))
     windows = (p | beam.Create(planned)
-               | beam.Map(lambda pl: ((pl.split, int(pl.id[1:]) % 6), pl))  # six windows
+               | beam.Map(window_key, stats_side, options)  # 300 examples in windows of 50
                | beam.GroupByKey()
-               | beam.ParDo(PackWindow(options), stats_side).with_outputs("tail", main="assigned"))
+               | beam.ParDo(PackWindow(options), stats_side).with_outputs("tail", "errors", "labels",
+                                                                          main="assigned"))
     tail = windows.tail | "GroupTail" >> beam.GroupByKey() | beam.FlatMap(pack_tail, stats_side, options)
     assert_that((windows.assigned, tail) | beam.Flatten() | beam.combiners.ToList(),
                 lambda lists: check(lists[0]))
@@ -104,7 +106,7 @@ def _same_shards(a, b):
 
 
 def test_one_and_two_workers_give_byte_identical_shards(synthetic_dir, shard_dir, tmp_path):
-  build_shards(str(synthetic_dir / "manifest.jsonl"), str(tmp_path), OPTIONS, workers=2)
+  build_shards(str(synthetic_dir / "manifest.jsonl"), str(tmp_path), OPTIONS, workers=2)  # two worker threads
   _same_shards(shard_dir, tmp_path)
   assert (shard_dir / "dataset_info.json").read_bytes() == (tmp_path / "dataset_info.json").read_bytes()
   assert (shard_dir / "errors.jsonl").read_bytes() == (tmp_path / "errors.jsonl").read_bytes()
@@ -323,8 +325,8 @@ def test_resolution_sampling_and_token_dropping_are_deterministic_and_recorded(s
                          resolution_sampling="uniform:4:32", token_drop="fixed:0.5")
   manifest = str(synthetic_dir / "manifest.jsonl")
   info = build_shards(manifest, str(tmp_path / "a"), options)
-  build_shards(manifest, str(tmp_path / "b"), options, workers=2)
-  _same_shards(tmp_path / "a", tmp_path / "b")
+  build_shards(manifest, str(tmp_path / "b"), options, workers=2, beam_args=["--direct_running_mode=multi_processing"])
+  _same_shards(tmp_path / "a", tmp_path / "b")  # two worker processes
   sources = {json.loads(l)["id"]: json.loads(l)["image"] for l in open(synthetic_dir / "manifest.jsonl")}
   dropped = 0
   for _, ex in _read_shards(tmp_path / "a"):
@@ -347,11 +349,11 @@ def test_the_runner_is_the_in_process_one_unless_beam_args_name_another():
   runner, options = pipeline_runner([], 2)
   assert type(runner).__name__ == "FnApiRunner"
   assert options.get_all_options()["direct_num_workers"] == 2
-  assert options.get_all_options()["direct_running_mode"] == "multi_processing"
+  assert options.get_all_options()["direct_running_mode"] == "multi_threading"
   runner, options = pipeline_runner(["--runner", "DataflowRunner", "--project", "p"], 4)
   assert runner is None and options.get_all_options()["project"] == "p"
-  runner, options = pipeline_runner(["--direct_running_mode=multi_threading"], 2)
-  assert options.get_all_options()["direct_running_mode"] == "multi_threading"
+  runner, options = pipeline_runner(["--direct_running_mode=multi_processing"], 2)
+  assert options.get_all_options()["direct_running_mode"] == "multi_processing"
 
 
 @pytest.mark.parametrize("kwargs, message", [

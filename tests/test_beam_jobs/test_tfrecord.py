@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from beam_jobs import tfrecord
-from beam_jobs.build_shards import assemble_sequence, encode_sequence, sequence_fields
+from beam_jobs.build_shards import assemble_sequence, encode_sequence, sequence_fields, sequence_pieces
 from schemas.packed import PackedSpec
 
 
@@ -59,6 +59,8 @@ def test_patches_as_chunks_encode_like_one_array():
   fields, chunks, _ = sequence_fields(examples, spec)
   full, _ = assemble_sequence(examples, spec)
   assert encode_sequence(fields, chunks, spec) == spec.to_tf_example_bytes(full)
+  pieces, size = sequence_pieces(fields, chunks, spec)
+  assert size == sum(len(p) for p in pieces) == len(spec.to_tf_example_bytes(full))
   assert (full["patches"][14:] == 0).all() and (full["patches"][8:14] == 3).all()
 
 
