@@ -61,12 +61,16 @@ def main(argv=None) -> int:
       assert all(len(b) <= max_images and sum(sizes[k] for k in b) <= seq_len for b in bins)
       results[(name, seq_len)] = (packing.packing_efficiency(bins, sizes, seq_len), len(bins), seconds)
     tokens = sum(sizes.values())
+    # No packing can use fewer sequences than the token volume needs, nor than there are images of more than
+    # half a sequence (no two of them fit together).
+    bound = max(-(-tokens // seq_len), sum(t > seq_len // 2 for t in sizes.values()))
+    results[("upper bound (fewest sequences)", seq_len)] = (tokens / (bound * seq_len), bound, 0.0)
     print(f"L={seq_len} M={max_images}: {len(items)} images, {tokens} tokens, mean {tokens / len(items):.1f} "
-          f"tokens/image, at best {-(-tokens // seq_len)} sequences")
+          f"tokens/image, at least {bound} sequences")
   header = "".join(f"{f'L={L} M={M}':>28s}" for L, M in SETTINGS)
   print(f"\n{'packer':32s}{header}")
   print(f"{'':32s}" + "".join(f"{'efficiency':>12s}{'seqs':>8s}{'sec':>8s}" for _ in SETTINGS))
-  for name, _ in packers:
+  for name, _ in packers + [("upper bound (fewest sequences)", None)]:
     row = "".join(f"{results[(name, L)][0]:12.4f}{results[(name, L)][1]:8d}{results[(name, L)][2]:8.2f}"
                   for L, _ in SETTINGS)
     print(f"{name:32s}{row}")
