@@ -14,9 +14,12 @@ with `--direct_running_mode=multi_processing` among the Beam args). Every read
 and write goes through Beam's FileSystems, so inputs and outputs may be local paths or gs:// URIs.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -42,6 +45,7 @@ from schemas.lineage import LINEAGE_FILENAME, fingerprint_path, git_revision
 from schemas.packed import FINGERPRINT, SCHEMA_VERSION, PackedSpec
 
 NAMESPACE = "build_shards"
+REMOTE_READ_THREADS = 16
 ERROR_REASONS = ("not_json", "invalid_record", "no_image", "duplicate_id", "missing_file", "unreadable_file",
                  "empty_file", "not_an_image", "truncated_image", "undecodable_image", "unsupported_video",
                  "too_many_frames")
@@ -366,12 +370,43 @@ def empty_shard_markers(split_and_stats, options: ShardOptions):
 
 # ------------------------------------------------------------------------------------------------------ writing
 
-def render_example(planned: Planned, options: ShardOptions) -> dict[str, Any]:
+def read_frames(planned: Planned) -> list[bytes]:
+  return [read_location(planned.example, frame) for frame in range(planned.frames)]
+
+
+def read_ahead(planned: list[Planned], threads: int = REMOTE_READ_THREADS):
+  """(frames bytes or None, ExampleError or None) per planned example, in order. Remote files (gs://, ...)
+  are read up to `threads` at a time, a bounded distance ahead, so the writer does not wait on each request's
+  latency in turn; local and inline ones are read as they come."""
+
+  def attempt(p):
+    try:
+      return read_frames(p), None
+    except ExampleError as e:
+      return None, e
+
+  if not any(p.example.data is None and "://" in p.example.locations[0] for p in planned):
+    for p in planned:
+      yield attempt(p)
+    return
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    pending: collections.deque = collections.deque()
+    items = iter(planned)
+    for p in itertools.islice(items, 4 * threads):
+      pending.append(pool.submit(attempt, p))
+    while pending:
+      result = pending.popleft().result()
+      for p in itertools.islice(items, 1):
+        pending.append(pool.submit(attempt, p))
+      yield result
+
+
+def render_example(planned: Planned, options: ShardOptions, frames: list[bytes] | None = None) -> dict[str, Any]:
   """Decodes, resizes and patchifies one planned example (every frame of a video), then drops tokens."""
   p, rows, cols = options.patch_size, planned.rows, planned.cols
+  frames = read_frames(planned) if frames is None else frames
   all_patches, all_yx, all_t = [], [], []
-  for frame in range(planned.frames):
-    data = read_location(planned.example, frame)
+  for frame, data in enumerate(frames):
     try:
       pixels = image_ops.decode_rgb(data, (rows * p, cols * p))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
@@ -497,11 +532,16 @@ class WriteShard(beam.DoFn):
              "images_per_sequence": [0] * (opts.max_images + 1)}
     digest = hashlib.sha256()
     with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-      for h in sorted(bins):
+      ordered = [(h, [planned for _, planned in sorted(bins[h], key=lambda sp: sp[0])]) for h in sorted(bins)]
+      reads = read_ahead([planned for _, members in ordered for planned in members])
+      for h, members in ordered:
         examples = []
-        for _, planned in sorted(bins[h], key=lambda sp: sp[0]):
+        for planned in members:
+          frames, error = next(reads)
           try:
-            examples.append(render_example(planned, opts))
+            if error is not None:
+              raise error
+            examples.append(render_example(planned, opts, frames))
           except ExampleError as e:
             self._failed.inc()
             yield beam.pvalue.TaggedOutput("errors", error_row(planned.line, planned.id, e.reason, e.detail))

@@ -22,7 +22,7 @@ from beam_jobs import synthetic, tfrecord
 from schemas.errors import ContractError
 from schemas.manifest import ManifestRecord, parse_manifest_line
 
-MANIFEST_CHUNK_BYTES = 64 << 20
+MANIFEST_CHUNK_BYTES = 4 << 20  # ~30,000 lines: the unit of parallelism of reading and planning
 
 
 @dataclasses.dataclass(frozen=True)

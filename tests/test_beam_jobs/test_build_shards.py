@@ -384,3 +384,17 @@ def test_inputs_and_outputs_go_through_beam_filesystems_only(synthetic_dir, shar
   assert json.loads(memfs.OBJECTS["memfs://bucket/shards/lineage.json"])["inputs"]["manifest"]["fingerprint"]
   assert "memfs://bucket/shards/errors.jsonl" in memfs.OBJECTS
   assert not [p for p in memfs.OBJECTS if ".tmp-" in p]
+
+
+def test_remote_reads_run_ahead_in_order_and_keep_their_errors():
+  from beam_jobs.build_shards import read_ahead
+  from tests.test_beam_jobs import memfs
+  planned = []
+  for i in range(100):
+    record = ManifestRecord(id=f"r{i}", label=0, image=f"r{i}.png", line=i + 1)
+    planned.append(Planned(SourceExample(record, (f"memfs://ahead/r{i}.png",)), 1, 1, 1, 1))
+    if i % 7:
+      memfs.OBJECTS[f"memfs://ahead/r{i}.png"] = f"bytes {i}".encode()
+  results = list(read_ahead(planned, threads=4))
+  assert [r[0] for r in results if r[0]] == [[f"bytes {i}".encode()] for i in range(100) if i % 7]
+  assert [(i, r[1].reason) for i, r in enumerate(results) if r[1]] == [(i, "missing_file") for i in range(0, 100, 7)]
