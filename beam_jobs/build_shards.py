@@ -1,127 +1,452 @@
-"""The shard builder: manifest -> decode -> resize to a patch grid -> patchify -> pack -> TFRecord shards,
-with dataset_info.json and errors.jsonl beside them.
+"""The shard builder: source records -> plan (image size, patch grid, tokens) -> pack -> decode, patchify and
+write deterministic TFRecord shards, with dataset_info.json and errors.jsonl beside them.
 
-Run it as a library (`build_shards(...)`) or through `patchflow shards build`. The default runner is Beam's
-in-process FnApiRunner, named explicitly so Beam never tries to download a Prism binary.
+  source ──► Plan ──► windows ──► PackWindow ─────────┬──► (split, shard) ──► WriteShard ──► WriteInfo
+  (manifest/  (reads    (hash of   first line of an id │      ▲
+   synthetic/  headers)  the id)    wins; best-fit      └► tail pool ─► PackTail
+   tfds)                            decreasing
+
+Only metadata travels through the shuffles: the pixels are decoded once, by the worker that writes the shard,
+so the job's memory and shuffle volume do not grow with image size. Run it as a library (`build_shards(...)`)
+or through `patchflow shards build`. The default runner is Beam's in-process FnApiRunner, named explicitly so
+Beam never tries to download a Prism binary; `workers` > 1 runs it with that many worker threads (or processes
+with `--direct_running_mode=multi_processing` among the Beam args). Every read
+and write goes through Beam's FileSystems, so inputs and outputs may be local paths or gs:// URIs.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
-import os
+import math
+import re
 import sys
+import time
+import uuid
 from typing import Any, Iterable
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+from PIL import UnidentifiedImageError
 
-from beam_jobs import image_ops
-from beam_jobs.packing import pack_first_fit_decreasing
+from beam_jobs import image_ops, packing, tfrecord
+from beam_jobs.navit import ResolutionSampling, TokenDrop
+from beam_jobs.sources import SourceExample, error_row, resolve_source
 from schemas import dataset_info as info_lib
 from schemas.errors import ContractError
-from schemas.lineage import write_lineage
-from schemas.manifest import iter_manifest_lines, parse_manifest_line
+from schemas.lineage import LINEAGE_FILENAME, fingerprint_path, git_revision
 from schemas.packed import FINGERPRINT, SCHEMA_VERSION, PackedSpec
+
+NAMESPACE = "build_shards"
+REMOTE_READ_THREADS = 16
+ERROR_REASONS = ("not_json", "invalid_record", "no_image", "duplicate_id", "missing_file", "unreadable_file",
+                 "empty_file", "not_an_image", "truncated_image", "undecodable_image", "unsupported_video",
+                 "too_many_frames")
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardOptions:
+  """Everything that decides the bytes of the shards (worker count and runner do not)."""
   seq_len: int = 256
   patch_size: int = 16
   max_images: int = 16
-  max_patches_per_image: int = 64
+  max_patches_per_image: int | None = None  # per-image patch budget; None: seq_len
   text_len: int = 0
   num_shards: int = 2
   max_error_fraction: float = 0.01
+  seed: int = 0
+  resolution_sampling: str = "none"
+  token_drop: str = "none"
+  video: bool = False
+  window_size: int = 65536  # examples per packing window
 
   def __post_init__(self):
-    for name in ("seq_len", "patch_size", "max_images", "max_patches_per_image", "num_shards"):
-      if getattr(self, name) < 1:
-        raise ContractError(f"shard options: {name!r} must be >= 1, got {getattr(self, name)}")
+    if self.max_patches_per_image is None:
+      object.__setattr__(self, "max_patches_per_image", self.seq_len)
+    for name in ("seq_len", "patch_size", "max_images", "max_patches_per_image", "num_shards", "window_size"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ContractError(f"shard options: {name!r} must be an int >= 1, got {getattr(self, name)!r}")
     if self.max_patches_per_image > self.seq_len:
       raise ContractError(f"shard options: 'max_patches_per_image' ({self.max_patches_per_image}) "
                           f"must not exceed 'seq_len' ({self.seq_len})")
+    if self.text_len < 0:
+      raise ContractError(f"shard options: 'text_len' must be >= 0, got {self.text_len}")
     if not 0 <= self.max_error_fraction <= 1:
-      raise ContractError(f"shard options: 'max_error_fraction' must be in [0, 1]")
+      raise ContractError(f"shard options: 'max_error_fraction' must be in [0, 1], got {self.max_error_fraction}")
+    sampling = ResolutionSampling.parse(self.resolution_sampling)
+    if sampling.high > self.max_patches_per_image:
+      raise ContractError(f"--resolution-sampling {self.resolution_sampling!r}: HI ({sampling.high}) must not "
+                          f"exceed 'max_patches_per_image' ({self.max_patches_per_image})")
+    TokenDrop.parse(self.token_drop)
+
+  @functools.cached_property
+  def sampling(self) -> ResolutionSampling:
+    return ResolutionSampling.parse(self.resolution_sampling)
+
+  @functools.cached_property
+  def dropping(self) -> TokenDrop:
+    return TokenDrop.parse(self.token_drop)
 
   @property
   def spec(self) -> PackedSpec:
-    return PackedSpec(self.seq_len, self.patch_size, self.max_images, self.text_len)
+    return PackedSpec(self.seq_len, self.patch_size, self.max_images, self.text_len, self.video)
+
+  def to_json(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def _error(line: int, rid: str | None, reason: str, detail: str) -> dict[str, Any]:
-  return {"line": line, "id": rid, "reason": reason, "detail": detail}
+class ExampleError(Exception):
+  def __init__(self, reason: str, detail: str):
+    super().__init__(detail)
+    self.reason, self.detail = reason, detail
 
 
-class ParseRecord(beam.DoFn):
-  """(line number, text) -> ManifestRecord, or a tagged error that names the line."""
+class _Progress:
+  """A progress line on stderr at most every `every` seconds, per worker process (local runs show them)."""
 
-  def __init__(self, source: str, class_names: tuple[str, ...]):
-    self._source, self._class_names = source, class_names
+  def __init__(self, what: str, every: float = 10.0):
+    self._what, self._every = what, every
+    self._count, self._start, self._last = 0, None, 0.0
 
-  def process(self, numbered_line):
-    line, text = numbered_line
+  def add(self, n: int = 1) -> None:
+    now = time.monotonic()
+    if self._start is None:
+      self._start = self._last = now
+    self._count += n
+    if now - self._last >= self._every:
+      self._last = now
+      rate = self._count / max(1e-9, now - self._start)
+      print(f"build_shards: {self._count} {self._what} in this worker ({rate:.0f}/s)", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ planning
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+  """An example with its patch grid and token count decided, before any pixel is decoded."""
+  example: SourceExample
+  rows: int
+  cols: int
+  frames: int
+  tokens: int  # after token dropping
+
+  @property
+  def id(self) -> str:
+    return self.example.record.id
+
+  @property
+  def split(self) -> str:
+    return self.example.record.split
+
+  @property
+  def line(self) -> int:
+    return self.example.record.line
+
+
+_FILESYSTEMS: dict[str | None, Any] = {}
+
+
+def _filesystem(path: str):
+  """FileSystems.get_filesystem, cached per scheme: the lookup walks every FileSystem subclass on each call,
+  which costs more than reading a small local file."""
+  scheme = FileSystems.get_scheme(path)
+  if scheme not in _FILESYSTEMS:
+    _FILESYSTEMS[scheme] = FileSystems.get_filesystem(path)
+  return _FILESYSTEMS[scheme]
+
+
+def read_location(example: SourceExample, index: int) -> bytes:
+  """The encoded bytes of the example's image (or frame `index`), inline or read through FileSystems."""
+  if example.data is not None:
+    data = example.data[index]
+  else:
+    path = example.locations[index]
     try:
-      yield parse_manifest_line(text, line, self._source, self._class_names)
-    except ContractError as e:
-      yield beam.pvalue.TaggedOutput("errors", _error(line, None, "invalid_record", str(e)))
-
-
-def keep_first_of_duplicates(id_and_records):
-  """The record with the lowest line number wins; the others become errors."""
-  rid, records = id_and_records
-  records = sorted(records, key=lambda r: r.line)
-  yield records[0]
-  for dup in records[1:]:
-    yield beam.pvalue.TaggedOutput(
-        "errors", _error(dup.line, rid, "duplicate_id", f"id {rid!r} first seen on line {records[0].line}"))
-
-
-class DecodeAndPatchify(beam.DoFn):
-  """ManifestRecord -> patchified example dict, or a tagged error (missing or unreadable image)."""
-
-  def __init__(self, base_dir: str, options: ShardOptions):
-    self._base_dir, self._options = base_dir, options
-
-  def process(self, record):
-    opts = self._options
-    if record.image is None:
-      yield beam.pvalue.TaggedOutput(
-          "errors", _error(record.line, record.id, "unsupported", "video records need the video shard builder"))
-      return
-    path = record.image if os.path.isabs(record.image) or "://" in record.image else os.path.join(
-        self._base_dir, record.image)
-    try:
-      with beam.io.filesystems.FileSystems.open(path) as f:
+      with _filesystem(path).open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         data = f.read()
     except Exception as e:  # noqa: BLE001 - any IO failure is this record's error, never the job's.
-      yield beam.pvalue.TaggedOutput(
-          "errors", _error(record.line, record.id, "missing_image", f"cannot read {path}: {e}".splitlines()[0]))
-      return
+      try:
+        exists = FileSystems.exists(path)
+      except Exception:  # noqa: BLE001
+        exists = True
+      reason = "unreadable_file" if exists else "missing_file"
+      raise ExampleError(reason, f"cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+  if not data:
+    raise ExampleError("empty_file", f"{example.locations[index]}: empty file")
+  return data
+
+
+def decode_error(location: str, error: Exception) -> ExampleError:
+  """A PIL failure -> not_an_image, truncated_image or undecodable_image, with a message that is the same on
+  every run (PIL's messages can name the address of a buffer object)."""
+  if isinstance(error, UnidentifiedImageError):
+    return ExampleError("not_an_image", f"{location}: not an image PIL can read")
+  message = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}").splitlines()[0]
+  reason = "truncated_image" if "truncat" in message.lower() else "undecodable_image"
+  return ExampleError(reason, f"{location}: {message}")
+
+
+def plan_example(example: SourceExample, options: ShardOptions) -> Planned:
+  """Reads the header of the (first) image and decides the example's patch grid and kept token count."""
+  record = example.record
+  frames = 1
+  if record.video is not None:
+    if not options.video:
+      raise ExampleError("unsupported_video", f"record {record.id!r} is a video; build with --video to pack videos")
+    if not isinstance(record.video, tuple):
+      raise ExampleError("unsupported_video", f"{example.locations[0]}: video files need a decoder; give the "
+                                              "video as a list of frame images")
+    frames = len(record.video)
+    if frames > options.max_patches_per_image:
+      raise ExampleError("too_many_frames", f"record {record.id!r}: {frames} frames do not fit a budget of "
+                                            f"{options.max_patches_per_image} patches")
+  data = read_location(example, 0)
+  try:
+    with image_ops.open_image(data) as image:
+      height, width = image_ops.oriented_size(image)
+  except Exception as e:  # noqa: BLE001 - PIL raises many types for bad headers.
+    raise decode_error(example.locations[0], e) from None
+  budget = options.sampling.budget(options.seed, record.id, options.max_patches_per_image)
+  resample = budget is not None
+  per_frame = max(1, (options.max_patches_per_image if budget is None else budget) // frames)
+  rows, cols = image_ops.fit_patch_grid(height, width, options.patch_size, per_frame, resample)
+  total = frames * rows * cols
+  tokens = options.dropping.kept_count(options.seed, record.id, total, options.max_patches_per_image)
+  return Planned(example, rows, cols, frames, tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unplannable:
+  """An example whose image could not be planned; it still goes to its window, where duplicate ids are
+  resolved (the first line wins even when its image is bad), and becomes an error row there."""
+  example: SourceExample
+  reason: str
+  detail: str
+
+  @property
+  def id(self) -> str:
+    return self.example.record.id
+
+  @property
+  def line(self) -> int:
+    return self.example.record.line
+
+
+class PlanExamples(beam.DoFn):
+  def __init__(self, options: ShardOptions):
+    self._options = options
+    self._planned = Metrics.counter(NAMESPACE, "examples_planned")
+    self._failed = Metrics.counter(NAMESPACE, "examples_failed_planning")
+    self._progress = _Progress("examples planned")
+
+  def process(self, example):  # a SourceExample (no annotation: Beam would type-check it against inferred unions)
     try:
-      pixels = image_ops.decode_rgb(data)
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
-      yield beam.pvalue.TaggedOutput(
-          "errors", _error(record.line, record.id, "undecodable_image", f"{path}: {type(e).__name__}: {e}"))
+      planned = plan_example(example, self._options)
+    except ExampleError as e:
+      self._failed.inc()
+      yield Unplannable(example, e.reason, e.detail)
       return
-    rows, cols = image_ops.fit_patch_grid(pixels.shape[0], pixels.shape[1], opts.patch_size,
-                                          opts.max_patches_per_image)
-    resized = image_ops.resize_to_grid(pixels, rows, cols, opts.patch_size)
-    patches, yx = image_ops.patchify(resized, opts.patch_size)
-    tokens = image_ops.byte_tokens(record.text or "")[:opts.text_len] if opts.text_len else None
-    yield {"id": record.id, "label": record.label, "split": record.split, "patches": patches, "yx": yx,
-           "grid": (rows, cols), "text_tokens": tokens, "source_size": pixels.shape[:2]}
+    self._planned.inc()
+    self._progress.add()
+    yield planned
 
 
-def assemble_sequence(examples: list[dict[str, Any]], spec: PackedSpec) -> dict[str, np.ndarray]:
-  """Lays out the examples of one bin into one fixed-shape packed example (segment m = slot m-1)."""
-  out = spec.empty()
-  pos, text_pos = 0, 0
+# ------------------------------------------------------------------------------------------------------- packing
+
+def split_stats(planned: Iterable["Planned | Unplannable"]) -> dict[str, tuple[int, int]]:
+  """split -> (examples, tokens) of the planned examples; the Beam job computes the same with a combiner."""
+  out: dict[str, tuple[int, int]] = {}
+  for p in planned:
+    if isinstance(p, Planned):
+      count, tokens = out.get(p.split, (0, 0))
+      out[p.split] = (count + 1, tokens + p.tokens)
+  return out
+
+
+def shards_for_split(stats: tuple[int, int], options: ShardOptions) -> int:
+  """Shards of a split: `num_shards`, fewer for a split too small to give every shard a sequence."""
+  return max(1, min(options.num_shards, math.ceil(stats[1] / options.seq_len)))
+
+
+def window_key(item: "Planned | Unplannable", stats: dict[str, tuple[int, int]], options: ShardOptions):
+  """Windows by a hash of the id over all splits, so all records of one id meet in one window."""
+  windows = packing.num_windows(sum(count for count, _ in stats.values()), options.window_size)
+  return packing.window_of(item.id, windows), item
+
+
+def bin_hash(split: str, ids: list[str]) -> str:
+  return hashlib.sha256("\0".join([split] + ids).encode("utf-8")).hexdigest()[:32]
+
+
+def assign_bins(split: str, bins: list[list[Planned]], salt: str, num_shards: int):
+  """Bins -> ((split, shard, n), [(bin hash, slot, planned), ...]), one element per shard that gets bins
+  (Beam moves a few big elements much more cheaply than many small ones). Bins are ordered by a hash of their
+  content and dealt round-robin from an offset drawn from `salt`, so shards are balanced and the assignment
+  depends only on the content."""
+  hashed = sorted((bin_hash(split, [p.id for p in b]), b) for b in bins)
+  offset = packing.stable_hash(f"{split}\0{salt}") % num_shards
+  per_shard: dict[tuple[str, int, int], list] = {}
+  for rank, (h, members) in enumerate(hashed):
+    key = (split, (offset + rank) % num_shards, num_shards)
+    per_shard.setdefault(key, []).extend((h, slot, p) for slot, p in enumerate(members))
+  yield from sorted(per_shard.items(), key=lambda kv: kv[0])
+
+
+def pack_planned(planned: list[Planned], options: ShardOptions) -> list[list[Planned]]:
+  by_id = {p.id: p for p in planned}
+  bins = packing.pack_best_fit_decreasing([(p.id, p.tokens) for p in planned], options.seq_len, options.max_images)
+  return [[by_id[k] for k in b] for b in bins]
+
+
+class PackWindow(beam.DoFn):
+  """One window: duplicate ids resolved (the lowest line wins, the others are errors), unplannable winners
+  become errors, then each split's examples are packed best-fit decreasing. Finished bins are assigned to
+  shards; the examples of partly filled bins go to the tail pool of their split. Also emits the window's
+  largest label (for num_classes)."""
+
+  def __init__(self, options: ShardOptions):
+    self._options = options
+    self._tail = Metrics.counter(NAMESPACE, "examples_to_tail_pool")
+    self._duplicates = Metrics.counter(NAMESPACE, "duplicate_ids")
+
+  def process(self, window_and_items, stats):
+    window, items = window_and_items
+    opts = self._options
+    by_id: dict[str, list] = {}
+    max_label = -1
+    for item in items:
+      by_id.setdefault(item.id, []).append(item)
+      max_label = max(max_label, item.example.record.label)
+    yield beam.pvalue.TaggedOutput("labels", max_label)
+    by_split: dict[str, list[Planned]] = {}
+    for rid in sorted(by_id):
+      first, *duplicates = sorted(by_id[rid], key=lambda it: it.line)
+      for dup in duplicates:
+        self._duplicates.inc()
+        yield beam.pvalue.TaggedOutput(
+            "errors", error_row(dup.line, rid, "duplicate_id", f"id {rid!r} first seen on line {first.line}"))
+      if isinstance(first, Unplannable):
+        yield beam.pvalue.TaggedOutput("errors", error_row(first.line, rid, first.reason, first.detail))
+      else:
+        by_split.setdefault(first.split, []).append(first)
+    for split in sorted(by_split):
+      planned = {p.id: p for p in by_split[split]}
+      finished, tail = packing.pack_window([(p.id, p.tokens) for p in by_split[split]], opts.seq_len,
+                                           opts.max_images)
+      yield from assign_bins(split, [[planned[k] for k in b] for b in finished], f"window{window}",
+                             shards_for_split(stats[split], opts))
+      self._tail.inc(len(tail))
+      if tail:
+        yield beam.pvalue.TaggedOutput("tail", (split, [planned[k] for k, _ in tail]))
+
+
+def pack_tail(split_and_batches, stats, options: ShardOptions):
+  split, batches = split_and_batches
+  bins = pack_planned([p for batch in batches for p in batch], options)
+  yield from assign_bins(split, bins, "tail", shards_for_split(stats[split], options))
+
+
+def _sum_pairs(pairs) -> tuple[int, int]:
+  count, tokens = 0, 0
+  for c, t in pairs:
+    count, tokens = count + c, tokens + t
+  return count, tokens
+
+
+def empty_shard_markers(split_and_stats, options: ShardOptions):
+  """One marker per shard of a split, so a shard that no bin lands in is still written (empty)."""
+  split, stats = split_and_stats
+  n = shards_for_split(stats, options)
+  for shard in range(n):
+    yield (split, shard, n), None
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+def read_frames(planned: Planned) -> list[bytes]:
+  return [read_location(planned.example, frame) for frame in range(planned.frames)]
+
+
+def read_ahead(planned: list[Planned], threads: int = REMOTE_READ_THREADS):
+  """(frames bytes or None, ExampleError or None) per planned example, in order. Remote files (gs://, ...)
+  are read up to `threads` at a time, a bounded distance ahead, so the writer does not wait on each request's
+  latency in turn; local and inline ones are read as they come."""
+
+  def attempt(p):
+    try:
+      return read_frames(p), None
+    except ExampleError as e:
+      return None, e
+
+  if not any(p.example.data is None and "://" in p.example.locations[0] for p in planned):
+    for p in planned:
+      yield attempt(p)
+    return
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    pending: collections.deque = collections.deque()
+    items = iter(planned)
+    for p in itertools.islice(items, 4 * threads):
+      pending.append(pool.submit(attempt, p))
+    while pending:
+      result = pending.popleft().result()
+      for p in itertools.islice(items, 1):
+        pending.append(pool.submit(attempt, p))
+      yield result
+
+
+def render_example(planned: Planned, options: ShardOptions, frames: list[bytes] | None = None) -> dict[str, Any]:
+  """Decodes, resizes and patchifies one planned example (every frame of a video), then drops tokens."""
+  p, rows, cols = options.patch_size, planned.rows, planned.cols
+  frames = read_frames(planned) if frames is None else frames
+  all_patches, all_yx, all_t = [], [], []
+  for frame, data in enumerate(frames):
+    try:
+      pixels = image_ops.decode_rgb(data, (rows * p, cols * p))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
+      raise decode_error(planned.example.locations[frame], e) from None
+    patches, yx = image_ops.patchify(image_ops.resize_to_grid(pixels, rows, cols, p), p)
+    all_patches.append(patches)
+    all_yx.append(yx)
+    all_t.append(np.full(len(patches), frame, np.int32))
+  if planned.frames == 1:
+    patches, yx, t = all_patches[0], all_yx[0], all_t[0]
+  else:
+    patches, yx, t = np.concatenate(all_patches), np.concatenate(all_yx), np.concatenate(all_t)
+  total = len(patches)
+  kept = options.dropping.kept_indices(options.seed, planned.id, total, options.max_patches_per_image)
+  if len(kept) != planned.tokens:  # cannot happen: both come from the same seeded draw.
+    raise AssertionError(f"{planned.id}: planned {planned.tokens} tokens, rendered {len(kept)}")
+  if len(kept) < total:
+    patches, yx, t = patches[kept], yx[kept], t[kept]
+  record = planned.example.record
+  text = image_ops.byte_tokens(record.text) if options.text_len and record.text else None
+  boxes = np.asarray(record.boxes or np.zeros((0, 4)), dtype="<f4").reshape(-1, 4)
+  return {"id": record.id, "label": record.label, "patches": patches, "yx": yx, "t": t,
+          "grid": (rows, cols), "text_tokens": text, "boxes": boxes, "dropped": total - len(kept)}
+
+
+def sequence_fields(examples: list[dict[str, Any]], spec: PackedSpec) -> tuple[dict[str, np.ndarray], list, int]:
+  """Lays out the examples of one bin as one fixed-shape packed example (segment m = slot m-1). Returns every
+  field but `patches`, the patches as a list of buffers whose concatenation is that field (so the big array is
+  copied once, when the record is serialized), and the number of text tokens cut because the sequence's text
+  budget was full."""
+  out = {name: value for name, value in spec.empty().items() if name != "patches"}
+  chunks = []
+  pos, text_pos, text_cut = 0, 0, 0
   for slot, ex in enumerate(examples):
     n = len(ex["patches"])
-    out["patches"][pos:pos + n] = ex["patches"]
+    chunks.append(memoryview(np.ascontiguousarray(ex["patches"], dtype=np.uint8)).cast("B"))
     out["patch_yx"][pos:pos + n] = ex["yx"]
+    if spec.video:
+      out["patch_t"][pos:pos + n] = ex["t"]
+      out["boxes"][slot] = ex["boxes"].tobytes()
     out["segment_ids"][pos:pos + n] = slot + 1
     out["image_grid"][slot] = ex["grid"]
     out["labels"][slot] = ex["label"]
@@ -131,51 +456,135 @@ def assemble_sequence(examples: list[dict[str, Any]], spec: PackedSpec) -> dict[
       out["text_tokens"][text_pos:text_pos + len(tokens)] = tokens
       out["text_segment_ids"][text_pos:text_pos + len(tokens)] = slot + 1
       text_pos += len(tokens)
+      text_cut += len(ex["text_tokens"]) - len(tokens)
     pos += n
-  return out
+  if pos > spec.seq_len:
+    raise AssertionError(f"{pos} tokens packed into a sequence of {spec.seq_len}")
+  if pos < spec.seq_len:
+    chunks.append(bytes((spec.seq_len - pos) * spec.patch_dim))
+  return out, chunks, text_cut
 
 
-def pack_split(split_and_examples, options: ShardOptions):
-  """All examples of one split -> ((split, shard index), (sequence index, serialized example))."""
-  split, examples = split_and_examples
-  by_id = {ex["id"]: ex for ex in examples}
-  bins = pack_first_fit_decreasing([(rid, len(ex["patches"])) for rid, ex in by_id.items()],
-                                   options.seq_len, options.max_images)
-  num_shards = min(options.num_shards, len(bins))
-  for index, keys in enumerate(bins):
-    sequence = assemble_sequence([by_id[k] for k in keys], options.spec)
-    stats = {"images": len(keys), "tokens": int((sequence["segment_ids"] > 0).sum())}
-    yield (split, index % num_shards, num_shards), (index, options.spec.to_tf_example_bytes(sequence), stats)
+def assemble_sequence(examples: list[dict[str, Any]], spec: PackedSpec) -> tuple[dict[str, np.ndarray], int]:
+  """`sequence_fields` as plain arrays of the contract's shapes (what a reader decodes)."""
+  fields, chunks, text_cut = sequence_fields(examples, spec)
+  patches = np.frombuffer(b"".join(chunks), np.uint8).reshape(spec.seq_len, spec.patch_dim)
+  return {"patches": patches, **fields}, text_cut
 
 
-def write_shard(key_and_sequences, output_dir: str) -> dict[str, Any]:
-  """Writes one shard file once, sequences in index order, under a temporary name then renamed."""
-  import tensorflow as tf
-  (split, shard, num_shards), sequences = key_and_sequences
-  sequences = sorted(sequences, key=lambda s: s[0])
+def sequence_pieces(fields: dict[str, np.ndarray], patch_chunks: list, spec: PackedSpec) -> tuple[list, int]:
+  """The packed example as the pieces of its tf.train.Example bytes, and their total length."""
+  features = {}
+  for name, (dtype, _) in spec.fields().items():
+    if name == "patches":
+      features[name] = ("chunks", patch_chunks)
+    elif dtype == "uint8":
+      features[name] = ("bytes", [np.ascontiguousarray(fields[name]).tobytes()])
+    elif dtype == "bytes":
+      features[name] = ("bytes", list(fields[name]))
+    else:
+      features[name] = ("int64", fields[name])
+  return tfrecord.example_pieces(features)
+
+
+def encode_sequence(fields: dict[str, np.ndarray], patch_chunks: list, spec: PackedSpec) -> bytes:
+  """The packed example as tf.train.Example bytes (the same bytes as PackedSpec.to_tf_example_bytes)."""
+  return b"".join(sequence_pieces(fields, patch_chunks, spec)[0])
+
+
+def token_buckets(seq_len: int) -> list[int]:
+  """Lower bounds of the tokens-per-image histogram buckets: 1, 2, 4, ... (powers of two up to seq_len)."""
+  return [1 << k for k in range(seq_len.bit_length())]
+
+
+def shard_path(output_dir: str, split: str, shard: int, num_shards: int) -> tuple[str, str]:
   rel = f"{split}/shard-{shard:05d}-of-{num_shards:05d}.tfrecord"
-  path = os.path.join(output_dir, rel)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.TFRecordWriter(tmp) as writer:
-    for _, record, _ in sequences:
-      writer.write(record)
-  with open(tmp, "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
-  os.replace(tmp, path)
-  return {"path": rel, "split": split, "sha256": digest, "num_sequences": len(sequences),
-          "num_images": sum(s[2]["images"] for s in sequences), "num_tokens": sum(s[2]["tokens"] for s in sequences)}
+  return rel, FileSystems.join(output_dir, split, f"shard-{shard:05d}-of-{num_shards:05d}.tfrecord")
 
+
+class WriteShard(beam.DoFn):
+  """(split, shard, n) and its examples -> one shard file, written once under a temporary name and renamed.
+
+  Sequences are in the order of their content hash and examples in their slot order, so the bytes depend only
+  on the inputs and options. An example that fails to decode here (a truncated file passes the header check)
+  leaves its sequence one image short and becomes an error row.
+  """
+
+  def __init__(self, output_dir: str, options: ShardOptions):
+    self._output_dir, self._options = output_dir, options
+    self._images = Metrics.counter(NAMESPACE, "images_written")
+    self._sequences = Metrics.counter(NAMESPACE, "sequences_written")
+    self._failed = Metrics.counter(NAMESPACE, "images_failed_decoding")
+    self._progress = _Progress("images decoded and written")
+
+  def process(self, key_and_items):
+    (split, shard, num_shards), items = key_and_items
+    opts, spec = self._options, self._options.spec
+    bins: dict[str, list[tuple[int, Planned]]] = {}
+    for batch in items:
+      for h, slot, planned in batch or ():  # None: the marker of a shard that may get no bin
+        bins.setdefault(h, []).append((slot, planned))
+    rel, path = shard_path(self._output_dir, split, shard, num_shards)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    buckets = token_buckets(opts.seq_len)
+    stats = {"path": rel, "split": split, "num_sequences": 0, "num_images": 0, "num_tokens": 0,
+             "tokens_dropped": 0, "text_tokens_truncated": 0, "tokens_per_image": [0] * len(buckets),
+             "images_per_sequence": [0] * (opts.max_images + 1)}
+    digest = hashlib.sha256()
+    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      ordered = [(h, [planned for _, planned in sorted(bins[h], key=lambda sp: sp[0])]) for h in sorted(bins)]
+      reads = read_ahead([planned for _, members in ordered for planned in members])
+      for h, members in ordered:
+        examples = []
+        for planned in members:
+          frames, error = next(reads)
+          try:
+            if error is not None:
+              raise error
+            examples.append(render_example(planned, opts, frames))
+          except ExampleError as e:
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput("errors", error_row(planned.line, planned.id, e.reason, e.detail))
+        if not examples:
+          continue
+        fields, chunks, text_cut = sequence_fields(examples, spec)
+        for piece in tfrecord.frame_pieces(encode_sequence(fields, chunks, spec)):
+          f.write(piece)
+          digest.update(piece)
+        stats["num_sequences"] += 1
+        stats["num_images"] += len(examples)
+        stats["images_per_sequence"][len(examples)] += 1
+        stats["text_tokens_truncated"] += text_cut
+        for ex in examples:
+          stats["num_tokens"] += len(ex["patches"])
+          stats["tokens_dropped"] += ex["dropped"]
+          stats["tokens_per_image"][len(ex["patches"]).bit_length() - 1] += 1
+        self._images.inc(len(examples))
+        self._sequences.inc()
+        self._progress.add(len(examples))
+    FileSystems.rename([tmp], [path])
+    stats["sha256"] = digest.hexdigest()
+    yield stats
+
+
+# ------------------------------------------------------------------------------------------------------ summary
 
 def summarize(shards: list[dict[str, Any]], errors: list[dict[str, Any]], num_lines: int, options: ShardOptions,
-              num_classes: int, class_names: tuple[str, ...]) -> dict[str, Any]:
+              num_classes: int, class_names: tuple[str, ...], source: str) -> dict[str, Any]:
   shards = sorted(shards, key=lambda s: s["path"])
   splits: dict[str, dict[str, Any]] = {}
+  tokens_hist = [0] * len(token_buckets(options.seq_len))
+  images_hist = [0] * (options.max_images + 1)
   for s in shards:
-    acc = splits.setdefault(s["split"], {"num_examples": 0, "num_sequences": 0, "num_tokens": 0})
+    acc = splits.setdefault(s["split"], {"num_examples": 0, "num_sequences": 0, "num_tokens": 0, "num_shards": 0})
     acc["num_examples"] += s["num_images"]
     acc["num_sequences"] += s["num_sequences"]
     acc["num_tokens"] += s["num_tokens"]
+    acc["num_shards"] += 1
+    tokens_hist = [a + b for a, b in zip(tokens_hist, s["tokens_per_image"])]
+    images_hist = [a + b for a, b in zip(images_hist, s["images_per_sequence"])]
+  for acc in splits.values():
+    acc["packing_efficiency"] = acc["num_tokens"] / max(1, acc["num_sequences"] * options.seq_len)
   num_sequences = sum(s["num_sequences"] for s in shards)
   real_tokens = sum(s["num_tokens"] for s in shards)
   errors_by_reason: dict[str, int] = {}
@@ -185,110 +594,195 @@ def summarize(shards: list[dict[str, Any]], errors: list[dict[str, Any]], num_li
       "schema_version": SCHEMA_VERSION, "fingerprint": FINGERPRINT,
       "seq_len": options.seq_len, "patch_size": options.patch_size, "max_images": options.max_images,
       "text_len": options.text_len, "max_patches_per_image": options.max_patches_per_image,
-      "num_classes": num_classes, "class_names": list(class_names),
+      "video": options.video, "num_classes": num_classes, "class_names": list(class_names),
       "num_examples": sum(s["num_examples"] for s in splits.values()), "num_sequences": num_sequences,
-      "num_manifest_lines": num_lines, "num_errors": len(errors), "errors_by_reason": errors_by_reason,
-      "packing_efficiency": real_tokens / max(1, num_sequences * options.seq_len), "tokens_dropped": 0,
-      "splits": dict(sorted(splits.items())), "shards": shards, "options": dataclasses.asdict(options),
+      "num_manifest_lines": num_lines, "num_errors": len(errors), "errors_by_reason": dict(sorted(errors_by_reason.items())),
+      "packing_efficiency": real_tokens / max(1, num_sequences * options.seq_len),
+      "tokens_dropped": sum(s["tokens_dropped"] for s in shards),
+      "text_tokens_truncated": sum(s["text_tokens_truncated"] for s in shards),
+      "histograms": {
+          "tokens_per_image": {"bucket_lower_bounds": token_buckets(options.seq_len), "counts": tokens_hist},
+          "images_per_sequence": {"images": list(range(options.max_images + 1)), "counts": images_hist},
+      },
+      "splits": dict(sorted(splits.items())),
+      "shards": [{k: s[k] for k in ("path", "split", "sha256", "num_sequences", "num_images", "num_tokens")}
+                 for s in shards],
+      "source": source, "options": options.to_json(),
   }
 
 
+def _write_text(path: str, text: str) -> None:
+  """Writes a small file through FileSystems under a temporary name, then renames it."""
+  tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+  with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    f.write(text.encode("utf-8"))
+  FileSystems.rename([tmp], [path])
+
+
+def _read_text(path: str) -> str:
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    return f.read().decode("utf-8")
+
+
+def write_info(_, shards, errors, max_label, output_dir, options, class_names, source):
+  errors = sorted(errors, key=lambda e: (e["line"], e["reason"], e["id"] or ""))
+  num_lines = sum(s["num_images"] for s in shards) + len(errors)
+  num_classes = len(class_names) or max(1, max_label + 1)
+  info = summarize(list(shards), errors, num_lines, options, num_classes, class_names, source)
+  _write_text(FileSystems.join(output_dir, info_lib.ERRORS_FILENAME),
+              "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors))
+  _write_text(FileSystems.join(output_dir, info_lib.FILENAME), json.dumps(info, indent=1, sort_keys=True))
+
+
 class BuildShards(beam.PTransform):
-  """(line number, manifest line) pairs -> shard files; emits a dict with `shards` and `errors` lists."""
+  """{"examples", "errors"} of a source -> shard files; returns {"shards": shard stats, "errors": error rows,
+  "max_label": one int}. Every source record ends as exactly one written image or one error row, so the number
+  of records is the sum of the two."""
 
-  def __init__(self, source: str, base_dir: str, output_dir: str, options: ShardOptions,
-               class_names: tuple[str, ...]):
+  def __init__(self, output_dir: str, options: ShardOptions):
     super().__init__()
-    self._source, self._base_dir, self._output_dir = source, base_dir, output_dir
-    self._options, self._class_names = options, class_names
+    self._output_dir, self._options = output_dir, options
 
-  def expand(self, numbered_lines):
-    parsed = numbered_lines | "Parse" >> beam.ParDo(ParseRecord(self._source, self._class_names)).with_outputs(
-        "errors", main="records")
-    unique = (parsed.records
-              | "KeyById" >> beam.Map(lambda r: (r.id, r))
-              | "GroupById" >> beam.GroupByKey()
-              | "FirstOfDuplicates" >> beam.FlatMap(keep_first_of_duplicates).with_outputs("errors", main="records"))
-    decoded = unique.records | "DecodeAndPatchify" >> beam.ParDo(
-        DecodeAndPatchify(self._base_dir, self._options)).with_outputs("errors", main="examples")
-    shards = (decoded.examples
-              | "KeyBySplit" >> beam.Map(lambda ex: (ex["split"], ex))
-              | "GroupBySplit" >> beam.GroupByKey()
-              | "Pack" >> beam.FlatMap(pack_split, self._options)
-              | "GroupByShard" >> beam.GroupByKey()
-              | "WriteShard" >> beam.Map(write_shard, self._output_dir))
-    errors = (parsed.errors, unique.errors, decoded.errors) | "AllErrors" >> beam.Flatten()
-    return {"shards": shards, "errors": errors}
+  def expand(self, source):
+    opts = self._options
+    examples, source_errors = source["examples"], source["errors"]
+    planned = examples | "Plan" >> beam.ParDo(PlanExamples(opts))
+    stats = (planned
+             | "SplitTokens" >> beam.FlatMap(lambda p: [(p.split, (1, p.tokens))] if isinstance(p, Planned) else [])
+             | "SumPerSplit" >> beam.CombinePerKey(_sum_pairs))
+    stats_side = beam.pvalue.AsDict(stats)
+    windows = (planned
+               | "KeyByWindow" >> beam.Map(window_key, stats_side, opts)
+               # A list-building combiner, not a GroupByKey: it is lifted ahead of the shuffle, which then
+               # moves one list per window and bundle instead of one element per example.
+               | "GroupByWindow" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
+               | "PackWindow" >> beam.ParDo(PackWindow(opts), stats_side).with_outputs(
+                   "tail", "errors", "labels", main="assigned"))
+    tail = (windows.tail
+            | "GroupTailBySplit" >> beam.GroupByKey()
+            | "PackTail" >> beam.FlatMap(pack_tail, stats_side, opts))
+    markers = stats | "EmptyShardMarkers" >> beam.FlatMap(empty_shard_markers, opts)
+    written = ((windows.assigned, tail, markers)
+               | "AllAssigned" >> beam.Flatten()
+               | "GroupByShard" >> beam.GroupByKey()
+               | "WriteShard" >> beam.ParDo(WriteShard(self._output_dir, opts)).with_outputs("errors", main="shards"))
+    errors = (source_errors, windows.errors, written.errors) | "AllErrors" >> beam.Flatten()
+    max_label = windows.labels | "MaxLabel" >> beam.CombineGlobally(lambda labels: max(labels, default=-1))
+    return {"shards": written.shards, "errors": errors, "max_label": max_label}
 
 
-def _write_json_lines(path: str, rows: Iterable[dict[str, Any]]) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, sort_keys=True) + "\n")
-  os.replace(path + ".tmp", path)
+# ------------------------------------------------------------------------------------------------------- driver
+
+def pipeline_runner(beam_args: list[str] | None, workers: int | None):
+  """(runner, PipelineOptions): Beam's in-process FnApiRunner unless the Beam args name a runner."""
+  beam_args = list(beam_args or [])
+  options = PipelineOptions(beam_args)
+  if options.get_all_options().get("runner"):
+    if workers and workers > 1:
+      print("build_shards: --workers applies to the local runner only; the named runner sizes itself",
+            file=sys.stderr)
+    return None, options
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+  direct = options.view_as(DirectOptions)
+  if workers is not None:
+    direct.direct_num_workers = workers
+    if not any(a.startswith("--direct_running_mode") for a in beam_args):
+      # Threads, not processes: the heavy parts (JPEG/PNG decoding, resizing, sha256, file IO) release the GIL,
+      # and each worker process would first spend about 3 CPU-seconds importing Beam's SDK harness.
+      direct.direct_running_mode = "multi_threading" if workers > 1 else "in_memory"
+  return FnApiRunner(), options  # in-process; naming it keeps Beam from fetching a Prism binary.
 
 
-def _read_class_names(manifest: str) -> tuple[str, ...]:
-  path = os.path.join(os.path.dirname(manifest), "classes.json")
-  if not os.path.exists(path):
-    return ()
-  with open(path, encoding="utf-8") as f:
-    return tuple(json.load(f)["class_names"])
+def _input_fingerprint(path: str) -> str | None:
+  if not is_local(path):
+    digest = hashlib.sha256()
+    digest.update(FileSystems.split(path)[1].encode() + b"\0")
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+  return fingerprint_path(path)
+
+
+def is_local(path: str) -> bool:
+  return "://" not in path
+
+
+def _cleanup_stale(output_dir: str, info: dict[str, Any]) -> None:
+  """Removes shard files of an earlier build with another shard count, and temporary files of killed runs."""
+  keep = {s["path"] for s in info["shards"]}
+  pattern = FileSystems.join(output_dir, "*", "shard-*-of-*.tfrecord*")
+  try:
+    matched = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+  except Exception:  # noqa: BLE001 - nothing matched.
+    return
+  stale = [p for p in matched if "/".join(p.split("/")[-2:]) not in keep]
+  if stale:
+    FileSystems.delete(stale)
 
 
 def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOptions(),
-                 beam_args: list[str] | None = None) -> dict[str, Any]:
-  """Runs the whole job; returns dataset_info. Raises ContractError when too many records are bad."""
-  if not os.path.exists(manifest):
-    raise ContractError(f"manifest {manifest!r}: file not found")
-  lines = list(iter_manifest_lines(manifest))
-  if not lines:
+                 beam_args: list[str] | None = None, workers: int | None = None,
+                 tfds_data_dir: str | None = None, manifest_chunk_bytes: int | None = None) -> dict[str, Any]:
+  """Runs the whole job; returns dataset_info. `manifest` is a manifest path (local or gs://), `synthetic[:...]`
+  or `tfds:NAME`. Raises ContractError, after writing errors.jsonl and dataset_info.json, when more than
+  `max_error_fraction` of the records are bad."""
+  kwargs = {"chunk_bytes": manifest_chunk_bytes} if manifest_chunk_bytes else {}
+  source = resolve_source(manifest, tfds_data_dir, **kwargs)
+  if is_local(output_dir):
+    import os
+    os.makedirs(output_dir, exist_ok=True)
+  runner, pipeline_options = pipeline_runner(beam_args, workers)
+  runner_name = type(runner).__name__ if runner else pipeline_options.get_all_options()["runner"]
+  mode = pipeline_options.view_as(DirectOptions)
+  print(f"build_shards: {source.description} -> {output_dir} (runner {runner_name}"
+        + (f", {mode.direct_num_workers} worker(s), {mode.direct_running_mode}" if runner else "") + ")",
+        file=sys.stderr, flush=True)
+  start = time.monotonic()
+  pipeline = beam.Pipeline(runner=runner, options=pipeline_options)
+  outputs = pipeline | "Source" >> source.transform | "BuildShards" >> BuildShards(output_dir, options)
+  _ = (pipeline | "Once" >> beam.Create([None])
+       | "WriteInfo" >> beam.Map(write_info, beam.pvalue.AsList(outputs["shards"]),
+                                 beam.pvalue.AsList(outputs["errors"]), beam.pvalue.AsSingleton(outputs["max_label"]),
+                                 output_dir, options,
+                                 source.class_names, source.description))
+  result = pipeline.run()
+  result.wait_until_finish()
+  seconds = time.monotonic() - start
+  info = json.loads(_read_text(FileSystems.join(output_dir, info_lib.FILENAME)))
+  info_lib.validate_dataset_info(info, FileSystems.join(output_dir, info_lib.FILENAME))
+  _cleanup_stale(output_dir, info)
+  lineage = {"step": "build_shards", "git_revision": git_revision(), "schema_version": SCHEMA_VERSION,
+             "config": {**options.to_json(), "source": source.description, "runner": runner_name,
+                        "workers": workers, "beam_args": list(beam_args or [])},
+             "inputs": {"manifest": {"path": manifest, "fingerprint": (
+                 _input_fingerprint(source.manifest_path) if source.manifest_path else None)}}}
+  _write_text(FileSystems.join(output_dir, LINEAGE_FILENAME), json.dumps(lineage, indent=1, sort_keys=True))
+  _print_counters(result)
+  if info["num_manifest_lines"] == 0:
     raise ContractError(f"manifest {manifest!r}: no records")
-  class_names = _read_class_names(manifest)
-  os.makedirs(output_dir, exist_ok=True)
-  num_classes = len(class_names) or 1 + max(
-      (label for label in (_int_label(t) for _, t in lines) if label is not None), default=0)
-  pipeline_options = PipelineOptions(beam_args or [])
-  runner = None
-  if not pipeline_options.get_all_options().get("runner"):
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-    runner = FnApiRunner()  # in-process; naming it keeps Beam from fetching a Prism binary.
-  with beam.Pipeline(runner=runner, options=pipeline_options) as p:
-    outputs = p | "ManifestLines" >> beam.Create(lines) | "BuildShards" >> BuildShards(
-        manifest, os.path.dirname(manifest), output_dir, options, class_names)
-    shards = outputs["shards"] | "AllShards" >> beam.combiners.ToList()
-    errors = outputs["errors"] | "AllErrors" >> beam.combiners.ToList()
-    _ = (p | "Once" >> beam.Create([None])
-         | "WriteInfo" >> beam.Map(_write_info, beam.pvalue.AsSingleton(shards), beam.pvalue.AsSingleton(errors),
-                                   output_dir, len(lines), options, num_classes, class_names))
-  info = info_lib.read_dataset_info(output_dir)
-  write_lineage(output_dir, "build_shards", dataclasses.asdict(options), {"manifest": manifest})
-  if info["num_errors"] > options.max_error_fraction * len(lines):
-    with open(os.path.join(output_dir, info_lib.ERRORS_FILENAME), encoding="utf-8") as f:
-      first = json.loads(f.readline())
+  if info["num_errors"] > options.max_error_fraction * info["num_manifest_lines"]:
+    errors_path = FileSystems.join(output_dir, info_lib.ERRORS_FILENAME)
+    first = json.loads(_read_text(errors_path).splitlines()[0])
+    detail = first["detail"].removeprefix(f"{manifest}:{first['line']}: ")
     raise ContractError(
-        f"{info['num_errors']} of {len(lines)} manifest records failed (max_error_fraction "
-        f"{options.max_error_fraction}); first: {manifest}:{first['line']}: {first['detail']} "
-        f"(all in {os.path.join(output_dir, info_lib.ERRORS_FILENAME)})")
+        f"{info['num_errors']} of {info['num_manifest_lines']} manifest records failed (max_error_fraction "
+        f"{options.max_error_fraction}); first: {manifest}:{first['line']}: {first['reason']}: {detail} "
+        f"(all in {errors_path})")
   print(f"build_shards: {info['num_examples']} images -> {info['num_sequences']} sequences in "
-        f"{len(info['shards'])} shards, packing efficiency {info['packing_efficiency']:.3f}, "
-        f"{info['num_errors']} errors", file=sys.stderr)
+        f"{len(info['shards'])} shards, packing efficiency {info['packing_efficiency']:.4f}, "
+        f"{info['num_errors']} errors, {seconds:.1f} s", file=sys.stderr, flush=True)
   return info
 
 
-def _write_info(_, shards, errors, output_dir, num_lines, options, num_classes, class_names):
-  errors = sorted(errors, key=lambda e: (e["line"], e["reason"]))
-  info = summarize(shards, errors, num_lines, options, num_classes, class_names)
-  _write_json_lines(os.path.join(output_dir, info_lib.ERRORS_FILENAME), errors)
-  path = os.path.join(output_dir, info_lib.FILENAME)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
-
-
-def _int_label(text: str) -> int | None:
+def _print_counters(result) -> None:
   try:
-    label = json.loads(text).get("label")
-  except (json.JSONDecodeError, AttributeError):
-    return None
-  return label if isinstance(label, int) and not isinstance(label, bool) else None
+    counters = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))["counters"]
+  except Exception:  # noqa: BLE001 - not every runner reports metrics.
+    return
+  totals: dict[str, int] = {}
+  for c in counters:
+    totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
+  if totals:
+    print("build_shards: counters " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())),
+          file=sys.stderr, flush=True)

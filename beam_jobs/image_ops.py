@@ -1,4 +1,4 @@
-"""Pure image functions of the shard builder: decode, fit to a patch grid, resize, patchify."""
+"""Pure image functions of the shard builder: open, decode to RGB, fit to a patch grid, resize, patchify."""
 
 import io
 import math
@@ -6,33 +6,109 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-
-def decode_rgb(data: bytes) -> np.ndarray:
-  """Decodes any PIL-readable image to uint8 RGB [H, W, 3], applying EXIF orientation."""
-  with Image.open(io.BytesIO(data)) as image:
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "I;16" or image.mode.startswith("I;16") or image.mode == "I":
-      # 16-bit: keep the high byte, so the full range maps onto 0..255.
-      image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height on display.
 
 
-def fit_patch_grid(height: int, width: int, patch_size: int, max_patches: int) -> tuple[int, int]:
-  """Grid (rows, cols) of the resized image: native size rounded to whole patches when it fits
-  `max_patches`, else the largest aspect-preserving grid that does. Never less than one patch a side."""
-  rows = max(1, round(height / patch_size))
-  cols = max(1, round(width / patch_size))
-  if rows * cols <= max_patches:
-    return rows, cols
-  scale = math.sqrt(max_patches / (height * width / patch_size**2))
-  rows = max(1, math.floor(height / patch_size * scale))
-  cols = max(1, math.floor(width / patch_size * scale))
-  while rows * cols > max_patches:  # floor() can still overshoot when one side is clamped to 1.
-    if rows >= cols:
-      rows -= 1
-    else:
-      cols -= 1
-  return rows, cols
+def open_image(data: bytes) -> Image.Image:
+  """Opens encoded image bytes lazily (header only). Raises PIL.UnidentifiedImageError for a non-image."""
+  return Image.open(io.BytesIO(data))
+
+
+def _orientation(image: Image.Image) -> int:
+  try:
+    return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+  except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop the image.
+    return 1
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+  """(height, width) as displayed, i.e. after the EXIF orientation is applied; reads the header only."""
+  width, height = image.size
+  return (width, height) if _orientation(image) in _TRANSPOSED_ORIENTATIONS else (height, width)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Any PIL mode -> RGB. 16/32-bit integer: the high byte is kept so the full range maps onto 0..255; float:
+  [0, 1] is scaled to 0..255 (values above 1 are taken as 0..255 already); alpha is dropped (as TF's
+  decode_image with channels=3 does); palette, grayscale, bilevel, CMYK and YCbCr convert with PIL."""
+  mode = image.mode
+  if mode == "RGB":
+    return image
+  if mode.startswith("I;16") or mode == "I":
+    pixels = np.asarray(image, dtype=np.int64)
+    shift = 8 if mode.startswith("I;16") or pixels.max(initial=0) > 255 else 0
+    return Image.fromarray((pixels >> shift).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+  if mode == "F":
+    pixels = np.asarray(image, dtype=np.float64)
+    scale = 255.0 if pixels.max(initial=0.0) <= 1.0 else 1.0
+    return Image.fromarray(np.nan_to_num(pixels * scale).clip(0, 255).round().astype(np.uint8), "L").convert("RGB")
+  if mode == "P" and "transparency" in image.info:
+    image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB.
+  return image.convert("RGB")
+
+
+def decode_rgb(data: bytes, target_hw: tuple[int, int] | None = None) -> np.ndarray:
+  """Decodes any PIL-readable image to uint8 RGB [H, W, 3], applying EXIF orientation.
+
+  With `target_hw` (the size it will be resized to, as displayed), a JPEG is decoded at the smallest DCT
+  scale (1/2, 1/4, 1/8) that is still at least that big, which makes huge JPEGs several times cheaper.
+  Raises on a non-image, a truncated or a corrupt file.
+  """
+  with open_image(data) as image:
+    if target_hw is not None and image.format == "JPEG":
+      th, tw = target_hw
+      if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
+        th, tw = tw, th
+      image.draft("RGB", (tw, th))
+    image.load()
+    if _orientation(image) != 1:  # exif_transpose copies the image even when there is nothing to do.
+      image = ImageOps.exif_transpose(image)
+    return np.asarray(to_rgb(image), dtype=np.uint8)
+
+
+def _largest_grid(height: int, width: int, max_patches: int) -> tuple[int, int]:
+  """The grid (rows, cols) with the most patches, at most `max_patches`, that is within one patch of an exact
+  aspect-preserving scaling of height x width: some scale s has |rows - s*height| < 1 and |cols - s*width| < 1
+  (sizes in patches). Ties go to the grid closest to the true aspect ratio, then to fewer rows."""
+
+  def most_across(along: int, a: int, b: int) -> int:
+    # The most patches across (side b) for `along` patches on side a:
+    # across*a < (along+1)*b + a  and  (across+1)*a > (along-1)*b, in integers; 0 when none fits.
+    across = min(max_patches // along, ((along + 1) * b + a - 1) // a)
+    return across if across >= 1 and (across + 1) * a > (along - 1) * b else 0
+
+  candidates = []
+  # The best grid lies near the exact solution rows*cols = max_patches, except for extreme aspect ratios,
+  # where the thin side may be very few patches: searching around both sides' exact values covers both.
+  for a, b, transpose in ((height, width, False), (width, height, True)):
+    exact = math.sqrt(max_patches * a / b)
+    for along in range(max(1, min(math.floor(exact), max_patches) - 3), min(max_patches, math.ceil(exact) + 3) + 1):
+      across = most_across(along, a, b)
+      if across:
+        candidates.append((across, along) if transpose else (along, across))
+  if not candidates:  # unreachable for positive sizes; a bug shows as a small grid, not a crash.
+    return 1, 1
+  return min(candidates, key=lambda rc: (-rc[0] * rc[1], abs(math.log(rc[1] * height / (rc[0] * width))), rc[0]))
+
+
+def fit_patch_grid(height: int, width: int, patch_size: int, max_patches: int,
+                   resample_to_budget: bool = False) -> tuple[int, int]:
+  """Grid (rows, cols) of the resized image.
+
+  By default the native size rounded to whole patches when it fits `max_patches` (tiny images go up to one
+  patch), else the largest grid within the budget whose aspect ratio is within one patch of the source's.
+  With `resample_to_budget` (NaViT resolution sampling) the image always takes the largest such grid, up- or
+  down-scaled.
+  """
+  if height < 1 or width < 1 or max_patches < 1:
+    raise ValueError(f"image {height}x{width} with a budget of {max_patches} patches")
+  if not resample_to_budget:
+    rows = max(1, round(height / patch_size))
+    cols = max(1, round(width / patch_size))
+    if rows * cols <= max_patches:
+      return rows, cols
+  return _largest_grid(height, width, max_patches)
 
 
 def resize_to_grid(pixels: np.ndarray, rows: int, cols: int, patch_size: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 shapes, labelled by the colour of the largest shape, with a caption, train/val/test splits and noisy copies of
 the test split at a few levels (distribution shift for calibration studies)."""
 
+import io
 import json
 import os
 
@@ -63,35 +64,52 @@ def _add_noise(image: Image.Image, level: int, rng: np.random.Generator) -> Imag
   return Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8), "RGB")
 
 
+def example_tasks(seed: int = 0, splits: dict[str, int] | None = None,
+                  noise_levels: tuple[int, ...] = DEFAULT_NOISE_LEVELS) -> list[tuple[int, int, str, int, int]]:
+  """What generate_synthetic writes, in manifest order: (seed, split index, split, example index, noise level)
+  with level 0 for a clean example. The manifest line of task k is k + 1."""
+  splits = dict(DEFAULT_SPLITS if splits is None else splits)
+  tasks = []
+  for split_index, (split, count) in enumerate(sorted(splits.items())):
+    for i in range(count):
+      tasks.append((seed, split_index, split, i, 0))
+      if split == "test":
+        tasks.extend((seed, split_index, split, i, level) for level in noise_levels)
+  return tasks
+
+
+def render_example(task: tuple[int, int, str, int, int]) -> tuple[dict, bytes]:
+  """One task of `example_tasks` -> (manifest record, PNG bytes); a pure function of the task, so any worker
+  renders the same bytes that generate_synthetic writes to disk."""
+  seed, split_index, split, i, level = task
+  image, label, caption = _draw_example(np.random.default_rng([seed, split_index, i]))
+  if level:
+    image = _add_noise(image, level, np.random.default_rng([seed, 1000 + level, i]))
+    split = shift_split_name(level)
+  rid = f"{split}-{i:05d}"
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  record = {"id": rid, "image": os.path.join("images", f"{rid}.png"), "label": label, "text": caption,
+            "split": split}
+  return record, buffer.getvalue()
+
+
 def generate_synthetic(output_dir: str, seed: int = 0, splits: dict[str, int] | None = None,
                        noise_levels: tuple[int, ...] = DEFAULT_NOISE_LEVELS) -> str:
   """Writes PNG images and `manifest.jsonl` under output_dir; returns the manifest path.
 
   Same seed and sizes give byte-identical files: every example draws from its own seeded generator.
   """
-  splits = dict(DEFAULT_SPLITS if splits is None else splits)
   image_dir = os.path.join(output_dir, "images")
   os.makedirs(image_dir, exist_ok=True)
   records = []
-
-  def save(image: Image.Image, rid: str, label: int, caption: str, split: str):
-    path = os.path.join(image_dir, f"{rid}.png")
-    tmp = path + ".tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    records.append({"id": rid, "image": os.path.join("images", f"{rid}.png"), "label": label,
-                    "text": caption, "split": split})
-
-  for split_index, (split, count) in enumerate(sorted(splits.items())):
-    for i in range(count):
-      rng = np.random.default_rng([seed, split_index, i])
-      image, label, caption = _draw_example(rng)
-      rid = f"{split}-{i:05d}"
-      save(image, rid, label, caption, split)
-      if split == "test":
-        for level in noise_levels:
-          noisy = _add_noise(image, level, np.random.default_rng([seed, 1000 + level, i]))
-          save(noisy, f"{shift_split_name(level)}-{i:05d}", label, caption, shift_split_name(level))
+  for task in example_tasks(seed, splits, noise_levels):
+    record, png = render_example(task)
+    path = os.path.join(output_dir, record["image"])
+    with open(path + ".tmp", "wb") as f:
+      f.write(png)
+    os.replace(path + ".tmp", path)
+    records.append(record)
   manifest = os.path.join(output_dir, "manifest.jsonl")
   with open(manifest + ".tmp", "w", encoding="utf-8") as f:
     for record in records:

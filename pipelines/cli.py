@@ -2,7 +2,7 @@
 
   patchflow compile smoke --output smoke.yaml     # KFP IR YAML for Vertex AI / Kubeflow
   patchflow run smoke [--set steps=200 ...]       # the whole DAG locally (kfp.local + in-process Beam + JAX CPU)
-  patchflow shards build --manifest M --output DIR [--seq-len 256 ...] [-- <Beam pipeline options>]
+  patchflow shards build --manifest M --output DIR [--seq-len 256 ...] [--workers 2] [-- <Beam pipeline options>]
   patchflow train --data SHARDS --workdir DIR [--config smoke] [--set train.steps=100 ...]
 """
 
@@ -93,12 +93,17 @@ def _ui(args) -> int:
 
 def _shards_build(args) -> int:
   from beam_jobs.build_shards import ShardOptions, build_shards
+  if args.workers is not None and args.workers < 1:
+    raise ContractError(f"--workers must be >= 1, got {args.workers}")
   options = ShardOptions(seq_len=args.seq_len, patch_size=args.patch_size, max_images=args.max_images,
-                         max_patches_per_image=args.max_patches_per_image, num_shards=args.num_shards,
-                         max_error_fraction=args.max_error_fraction)
-  info = build_shards(args.manifest, args.output, options, beam_args=args.beam_args)
-  print(f"wrote {info['num_sequences']} sequences ({info['num_examples']} images, {info['num_errors']} errors) "
-        f"to {args.output}")
+                         max_patches_per_image=args.max_patches_per_image, text_len=args.text_len,
+                         num_shards=args.num_shards, max_error_fraction=args.max_error_fraction, seed=args.seed,
+                         resolution_sampling=args.resolution_sampling, token_drop=args.token_drop,
+                         video=args.video, window_size=args.window_size)
+  info = build_shards(args.manifest, args.output, options, beam_args=args.beam_args, workers=args.workers,
+                      tfds_data_dir=args.tfds_data_dir)
+  print(f"wrote {info['num_sequences']} sequences ({info['num_examples']} images, {info['num_errors']} errors, "
+        f"packing efficiency {info['packing_efficiency']:.4f}) to {args.output}")
   return 0
 
 
@@ -152,15 +157,31 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--home", default=None, help="runs directory (default $PATCHFLOW_HOME or ./runs)")
   p.set_defaults(func=_ui)
   shards = sub.add_parser("shards", help="packed TFRecord shards").add_subparsers(dest="shards_command", required=True)
-  p = shards.add_parser("build", help="manifest -> packed shards + dataset_info.json + errors.jsonl (Apache Beam)")
-  p.add_argument("--manifest", required=True)
-  p.add_argument("--output", required=True)
-  p.add_argument("--seq-len", type=int, default=256)
-  p.add_argument("--patch-size", type=int, default=16)
-  p.add_argument("--max-images", type=int, default=16)
-  p.add_argument("--max-patches-per-image", type=int, default=64)
-  p.add_argument("--num-shards", type=int, default=2)
-  p.add_argument("--max-error-fraction", type=float, default=0.01)
+  p = shards.add_parser(
+      "build", help="manifest -> packed shards + dataset_info.json + errors.jsonl (Apache Beam)",
+      description="Everything after `--` goes to Beam as pipeline options, e.g. "
+                  "-- --runner DataflowRunner --project P --region R --temp_location gs://B/tmp")
+  p.add_argument("--manifest", required=True,
+                 help="manifest JSONL (local path or gs://), synthetic[:seed=S,train=N,...] or tfds:NAME[/CONFIG][:VERSION]")
+  p.add_argument("--output", required=True, help="shard directory (local path or gs://)")
+  p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence (L)")
+  p.add_argument("--patch-size", type=int, default=16, help="patch side in pixels (P)")
+  p.add_argument("--max-images", type=int, default=16, help="images per packed sequence at most (M)")
+  p.add_argument("--max-patches-per-image", type=int, default=None, help="per-image patch budget (default: L)")
+  p.add_argument("--num-shards", type=int, default=2, help="shards per split (fewer for a tiny split)")
+  p.add_argument("--workers", type=int, default=None,
+                 help="local Beam workers (threads of the in-process runner; default 1)")
+  p.add_argument("--seed", type=int, default=0, help="seed of resolution sampling and token dropping")
+  p.add_argument("--resolution-sampling", default="none", metavar="SPEC",
+                 help="none | uniform:LO:HI | loguniform:LO:HI (patch budget per example)")
+  p.add_argument("--token-drop", default="none", metavar="SPEC",
+                 help="none | fixed:RATE | beta:A:B | resolution:LO:HI")
+  p.add_argument("--text-len", type=int, default=0, help="caption tokens per sequence (byte-level; 0: no text)")
+  p.add_argument("--video", action="store_true", help="pack video records (lists of frames): adds patch_t, boxes")
+  p.add_argument("--window-size", type=int, default=65536, help="examples per packing window")
+  p.add_argument("--max-error-fraction", type=float, default=0.01,
+                 help="fail (after writing errors.jsonl) when more than this fraction of records is bad")
+  p.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir for a tfds: source")
   p.set_defaults(func=_shards_build)
   p = sub.add_parser("train", help="train a model on packed shards")
   p.add_argument("--data", required=True)

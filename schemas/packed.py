@@ -22,15 +22,25 @@ _FIELDS: dict[str, tuple[str, tuple[str | int, ...]]] = {
     "image_grid": ("int32", ("M", 2)),
     "labels": ("int32", ("M",)),
     "example_ids": ("bytes", ("M",)),
+    "boxes": ("bytes", ("M",)),
     "text_tokens": ("int32", ("T",)),
     "text_segment_ids": ("int32", ("T",)),
 }
-_VIDEO_FIELDS = {"patch_t"}
+# Video datasets: `patch_t` (frame of each patch) and `boxes` (per slot, the example's boxes as float32
+# little-endian [K, 4] ymin, xmin, ymax, xmax bytes; for a video, its tubelet: one box per frame).
+_VIDEO_FIELDS = {"patch_t", "boxes"}
 _TEXT_FIELDS = {"text_tokens", "text_segment_ids"}
 
-FINGERPRINT = hashlib.sha256(
-    json.dumps({"version": SCHEMA_VERSION, "fields": _FIELDS}, sort_keys=True).encode()).hexdigest()[:16]
-KNOWN_FINGERPRINTS = frozenset({FINGERPRINT})
+
+def _fingerprint(fields: dict) -> str:
+  return hashlib.sha256(json.dumps({"version": SCHEMA_VERSION, "fields": fields}, sort_keys=True).encode()
+                        ).hexdigest()[:16]
+
+
+FINGERPRINT = _fingerprint(_FIELDS)
+# The spine's field table had no `boxes`; its image-only shards have exactly today's layout and stay readable.
+_SPINE_FINGERPRINT = _fingerprint({k: v for k, v in _FIELDS.items() if k != "boxes"})
+KNOWN_FINGERPRINTS = frozenset({FINGERPRINT, _SPINE_FINGERPRINT})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,9 @@
 import io
+import math
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from beam_jobs import image_ops
 
@@ -11,9 +12,12 @@ from beam_jobs import image_ops
     (64, 32, 64, (4, 2)),        # native size fits: kept
     (40, 24, 64, (2, 2)),        # rounded to whole patches (2.5 -> 2, 1.5 -> 2)
     (5, 5, 64, (1, 1)),          # tiny: at least one patch
+    (5, 5000, 64, (1, 64)),      # tiny and thin: one row
     (512, 512, 64, (8, 8)),      # huge: scaled down to the budget
-    (160, 480, 64, (4, 13)),     # aspect 1:3 kept within a patch
+    (512, 512, 60, (7, 8)),      # ... the largest grid within one patch of the aspect ratio
+    (160, 480, 64, (5, 12)),     # 1:3 -> 5x12 = 60 patches (4x13 = 52 is further from the budget)
     (16, 4000, 64, (1, 64)),     # extreme aspect clamps to one row
+    (4000, 16, 64, (64, 1)),     # ... or one column
 ])
 def test_fit_patch_grid(h, w, budget, expected):
   rows, cols = image_ops.fit_patch_grid(h, w, 16, budget)
@@ -21,14 +25,47 @@ def test_fit_patch_grid(h, w, budget, expected):
   assert rows * cols <= budget
 
 
-def test_fit_patch_grid_preserves_aspect_within_one_patch():
+def _within_one_patch(rows, cols, h, w):
+  """Some scale s has |rows - s*h| < 1 and |cols - s*w| < 1 (open intervals of s intersect)."""
+  return max((rows - 1) / h, (cols - 1) / w) < min((rows + 1) / h, (cols + 1) / w)
+
+
+def _brute_force_largest(h, w, budget):
+  best = None
+  for r in range(1, budget + 1):
+    for c in range(1, budget // r + 1):
+      if _within_one_patch(r, c, h, w):
+        key = (-r * c, abs(math.log(c * h / (r * w))), r)
+        best = min(best, (key, (r, c))) if best else (key, (r, c))
+  return best[1]
+
+
+def test_downscaled_grid_is_the_largest_that_keeps_the_aspect_ratio_within_one_patch():
   rng = np.random.default_rng(0)
+  for _ in range(400):
+    h, w = (int(v) for v in rng.integers(8, 3000, size=2))
+    budget = int(rng.integers(1, 200))
+    rows, cols = image_ops.fit_patch_grid(h, w, 16, budget, resample_to_budget=True)
+    assert 1 <= rows * cols <= budget
+    assert _within_one_patch(rows, cols, h / 16, w / 16)
+    assert (rows, cols) == _brute_force_largest(h, w, budget)
+
+
+def test_native_grid_is_kept_when_it_fits_and_aspect_is_preserved_otherwise():
+  rng = np.random.default_rng(1)
   for _ in range(500):
-    h, w = rng.integers(8, 2000, size=2)
-    rows, cols = image_ops.fit_patch_grid(int(h), int(w), 16, 64)
-    assert 1 <= rows * cols <= 64
-    if rows > 1 and cols > 1:
-      assert abs(cols - rows * w / h) <= 1.0 + 1e-9 or abs(rows - cols * h / w) <= 1.0 + 1e-9
+    h, w = (int(v) for v in rng.integers(8, 2000, size=2))
+    rows, cols = image_ops.fit_patch_grid(h, w, 16, 64)
+    native = (max(1, round(h / 16)), max(1, round(w / 16)))
+    if native[0] * native[1] <= 64:
+      assert (rows, cols) == native
+    else:
+      assert rows * cols <= 64 and _within_one_patch(rows, cols, h / 16, w / 16)
+
+
+def test_resample_to_budget_scales_small_images_up():
+  assert image_ops.fit_patch_grid(32, 32, 16, 64, resample_to_budget=True) == (8, 8)
+  assert image_ops.fit_patch_grid(32, 64, 16, 50, resample_to_budget=True) == (5, 10)
 
 
 def test_patchify_unpatchify_round_trip_and_positions():
@@ -46,22 +83,91 @@ def _encode(image, fmt="PNG", **kw):
   return buffer.getvalue()
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
-def test_decode_converts_modes_to_rgb(mode):
-  fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "I;16" else "PNG")
-  image = Image.new(mode, (7, 5))
+@pytest.mark.parametrize("mode, fmt, value, expected", [
+    ("L", "PNG", 100, (100, 100, 100)),
+    ("LA", "PNG", (100, 7), (100, 100, 100)),
+    ("1", "PNG", 1, (255, 255, 255)),
+    ("RGBA", "PNG", (10, 20, 30, 0), (10, 20, 30)),       # alpha dropped, as TF's decode_image(channels=3)
+    ("RGB", "BMP", (10, 20, 30), (10, 20, 30)),
+    ("RGB", "TIFF", (10, 20, 30), (10, 20, 30)),
+    ("RGB", "WEBP", (10, 20, 30), None),                 # lossy: shape only
+    ("RGB", "GIF", (10, 20, 30), None),                  # palette quantised: shape only
+    ("CMYK", "JPEG", (0, 255, 255, 0), None),            # red in CMYK
+    ("I;16", "PNG", 0xABCD, (0xAB, 0xAB, 0xAB)),         # 16-bit: high byte
+    ("I", "TIFF", 40000, (156, 156, 156)),               # 32-bit int holding 16-bit data: high byte
+    ("F", "TIFF", 0.5, (128, 128, 128)),                 # float in [0, 1]
+    ("YCbCr", "JPEG", (128, 128, 128), None),
+])
+def test_decode_converts_modes_and_formats_to_rgb(mode, fmt, value, expected):
+  image = Image.new(mode, (7, 5), value)
   out = image_ops.decode_rgb(_encode(image, fmt))
   assert out.shape == (5, 7, 3) and out.dtype == np.uint8
+  if expected is not None:
+    assert tuple(out[2, 3]) == expected
+  if mode == "CMYK":
+    r, g, b = out[2, 3].astype(int)
+    assert r > 200 and g < 60 and b < 60
 
 
-def test_decode_applies_exif_orientation():
-  image = Image.new("RGB", (8, 4), (255, 0, 0))
+def test_decode_palette_with_transparency():
+  image = Image.new("P", (6, 4), 1)
+  image.putpalette([0, 0, 0, 200, 10, 20] + [0] * 762)
+  image.info["transparency"] = 0
+  out = image_ops.decode_rgb(_encode(image, "PNG"))
+  assert tuple(out[0, 0]) == (200, 10, 20)
+
+
+def test_decode_takes_the_first_frame_of_an_animation():
+  frames = [Image.new("RGB", (6, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
+  buffer = io.BytesIO()
+  frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+  out = image_ops.decode_rgb(buffer.getvalue())
+  assert out.shape == (4, 6, 3) and out[0, 0, 0] > 200
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_and_the_header_size_agrees(orientation):
+  pixels = np.zeros((16, 32, 3), np.uint8)
+  pixels[:8, :8] = 255  # a white top-left corner, to see where it goes
   exif = Image.Exif()
-  exif[0x0112] = 6  # rotate 90 degrees on display
-  out = image_ops.decode_rgb(_encode(image, "JPEG", exif=exif.tobytes()))
-  assert out.shape == (8, 4, 3)
+  exif[0x0112] = orientation
+  data = _encode(Image.fromarray(pixels), "JPEG", exif=exif.tobytes(), quality=95)
+  out = image_ops.decode_rgb(data)
+  expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+  np.testing.assert_array_equal(out, expected)
+  assert out.shape[:2] == ((32, 16) if orientation >= 5 else (16, 32))
+  with image_ops.open_image(data) as image:
+    assert image_ops.oriented_size(image) == out.shape[:2]
+
+
+def test_huge_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_target():
+  rng = np.random.default_rng(0)
+  base = np.kron(rng.integers(0, 256, (16, 16, 3)), np.ones((64, 64, 1))).astype(np.uint8)  # 1024 x 1024
+  data = _encode(Image.fromarray(base), "JPEG", quality=95)
+  small = image_ops.decode_rgb(data, target_hw=(128, 128))
+  full = image_ops.decode_rgb(data)
+  assert full.shape == (1024, 1024, 3) and small.shape == (128, 128, 3)
+  a = image_ops.resize_to_grid(small, 8, 8, 16).astype(int)
+  b = image_ops.resize_to_grid(full, 8, 8, 16).astype(int)
+  assert np.abs(a - b).mean() < 8  # DCT-domain scaling vs a full decode: close, not equal
+  assert image_ops.decode_rgb(data, target_hw=(300, 300)).shape == (512, 512, 3)  # 1/2 still covers 300
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP"])
+def test_truncated_files_pass_the_header_but_fail_to_decode(fmt):
+  pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  data = _encode(Image.fromarray(pixels), fmt)
+  cut = data[:len(data) // 2]
+  with image_ops.open_image(cut) as image:
+    assert image_ops.oriented_size(image) == (64, 64)
+  with pytest.raises(OSError, match="truncated"):
+    image_ops.decode_rgb(cut)
 
 
 def test_decode_rejects_non_image():
   with pytest.raises(Exception):
     image_ops.decode_rgb(b"definitely not an image")
+
+
+def test_byte_tokens_keep_zero_for_padding():
+  assert image_ops.byte_tokens("a\u00e9").tolist() == [98, 196, 170]

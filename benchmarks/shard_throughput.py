@@ -1,0 +1,113 @@
+"""Shard builder throughput: images per second per core through the whole job, next to the floor of
+decoding the same JPEGs alone with PIL in a plain loop.
+
+  .venv/bin/python benchmarks/shard_throughput.py [--images 4000] [--runs 1 2:threads 2:processes]
+
+Writes 256x256 JPEGs (quality 90, gradients plus noise and shapes, ~20 KiB each) to a temporary directory,
+then measures, in one run: (1) the floor: read + PIL decode to an RGB array in a plain loop, one core;
+(2) `build_shards` on the in-process runner with 1 worker, 2 worker threads and 2 worker processes (the
+shards of every run are checked to be identical). The job is timed from
+the call to its return, so Beam's start-up (about 1 s of CPU) is included. L=1024, P=16, M=16, budget 256
+patches (a 256x256 image is exactly 16x16 patches, 4 per sequence).
+
+Two figures per row: per core by wall clock (images / seconds / cores used) and per CPU-second (images /
+CPU seconds of this process and its worker processes). On a machine shared with other jobs the wall-clock
+figure moves with their load; the CPU-second figure does not.
+"""
+
+import argparse
+import io
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_jpegs(directory: str, count: int, seed: int = 0) -> str:
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:256, 0:256].astype(np.float32) / 255.0
+  records = []
+  for i in range(count):
+    a, b, c = rng.uniform(0, 255, 3)
+    base = np.stack([a * yy + (255 - a) * xx, b * xx, c * (1 - yy)], -1) * 0.8
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+      x0, y0 = rng.integers(0, 200, 2)
+      draw.ellipse([x0, y0, x0 + rng.integers(20, 56), y0 + rng.integers(20, 56)], fill=tuple(rng.integers(0, 256, 3)))
+    name = f"img{i:06d}.jpg"
+    image.save(os.path.join(directory, name), format="JPEG", quality=90)
+    records.append({"id": f"img{i:06d}", "image": name, "label": i % 10})
+  manifest = os.path.join(directory, "manifest.jsonl")
+  with open(manifest, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  return manifest
+
+
+def cpu_seconds() -> float:
+  """User + system CPU of this process and of its finished children (the Beam worker processes)."""
+  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def pil_floor(directory: str, count: int) -> tuple[float, float]:
+  start, cpu = time.perf_counter(), cpu_seconds()
+  for i in range(count):
+    with open(os.path.join(directory, f"img{i:06d}.jpg"), "rb") as f:
+      data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+      pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape == (256, 256, 3)
+  return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--images", type=int, default=4000)
+  parser.add_argument("--runs", nargs="+", default=["1", "2:threads", "2:processes"],
+                      help="job runs as WORKERS[:threads|processes]")
+  args = parser.parse_args(argv)
+  from beam_jobs.build_shards import ShardOptions, build_shards
+  options = ShardOptions(seq_len=1024, patch_size=16, max_images=16, max_patches_per_image=256, num_shards=8)
+  with tempfile.TemporaryDirectory() as tmp:
+    t = time.perf_counter()
+    manifest = write_jpegs(tmp, args.images)
+    print(f"wrote {args.images} JPEGs of 256x256 ({sum(os.path.getsize(os.path.join(tmp, n)) for n in os.listdir(tmp)) / args.images / 1024:.1f} KiB each) "
+          f"in {time.perf_counter() - t:.1f} s", flush=True)
+    pil_floor(tmp, min(200, args.images))  # warm the page cache and PIL
+    wall, cpu = pil_floor(tmp, args.images)
+    rows = [("PIL decode loop (floor)", 1, wall, cpu)]
+    digests = set()
+    for run in args.runs:
+      workers, _, mode = run.partition(":")
+      workers = int(workers)
+      beam_args = [f"--direct_running_mode={dict(threads='multi_threading', processes='multi_processing')[mode]}"] if mode else []
+      out = os.path.join(tmp, f"shards-{run.replace(':', '-')}")
+      start, cpu = time.perf_counter(), cpu_seconds()
+      info = build_shards(manifest, out, options, workers=workers, beam_args=beam_args)
+      wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+      assert info["num_examples"] == args.images, info["num_examples"]
+      digests.add(tuple(s["sha256"] for s in info["shards"]))
+      rows.append((f"build_shards, {workers} {mode or 'worker'}", workers, wall, cpu))
+    assert len(digests) == 1, "runs gave different shards"
+  n = args.images
+  floor_wall, floor_cpu = n / rows[0][2], n / rows[0][3]
+  print(f"\n{args.images} images, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+  print(f"{'':28s} {'cores':>5s} {'wall s':>7s} {'img/s/core':>10s} {'floor/this':>10s} {'CPU s':>7s} "
+        f"{'img/CPU-s':>9s} {'floor/this':>10s}")
+  for name, cores, wall, cpu in rows:
+    print(f"{name:28s} {cores:5d} {wall:7.2f} {n / wall / cores:10.1f} {floor_wall / (n / wall / cores):10.2f} "
+          f"{cpu:7.2f} {n / cpu:9.1f} {floor_cpu / (n / cpu):10.2f}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
