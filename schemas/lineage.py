@@ -25,6 +25,12 @@ def git_revision() -> str:
 def fingerprint_path(path: str) -> str:
   """sha256 over relative paths and bytes of every file under `path` (or of the file itself)."""
   digest = hashlib.sha256()
+  if path.startswith("gs://"):
+    from schemas import storage
+    for rel, content_hash in storage.gcs_listing(path):
+      if not rel.endswith(LINEAGE_FILENAME):
+        digest.update(rel.encode() + b"\0" + content_hash.encode() + b"\0")
+    return digest.hexdigest()
   if os.path.isfile(path):
     files = [(os.path.basename(path), path)]
   else:

@@ -52,3 +52,15 @@ def read_bytes(path: str) -> bytes:
 
 def join(base: str, *parts: str) -> str:
   return "/".join([base.rstrip("/"), *parts]) if is_gcs(base) else os.path.join(base, *parts)
+
+
+def gcs_listing(uri: str) -> list[tuple[str, str]]:
+  """(path relative to uri, content hash from GCS metadata) for every object under uri, sorted."""
+  bucket, name = _split(uri)
+  prefix = name.rstrip("/") + "/" if name else ""
+  blobs = _gcs().bucket(bucket).list_blobs(prefix=prefix)
+  exact = _gcs().bucket(bucket).get_blob(name) if name else None
+  listing = [(b.name[len(prefix):], b.crc32c or b.md5_hash or "") for b in blobs]
+  if exact is not None and not listing:
+    listing = [(name.rsplit("/", 1)[-1], exact.crc32c or exact.md5_hash or "")]
+  return sorted(listing)

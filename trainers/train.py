@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from schemas import dataset_info as info_lib
+from schemas import storage
 from schemas.lineage import write_lineage
 from schemas.errors import ContractError
 from trainers import checkpointing, sharding
@@ -131,7 +132,7 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     json.dump({"config": config, "dataset_info": {k: info[k] for k in (
         "fingerprint", "seq_len", "patch_size", "max_images", "num_classes", "max_patches_per_image")},
-        "data": os.path.abspath(data_dir)}, f, indent=1, sort_keys=True)
+        "data": data_dir if storage.is_gcs(data_dir) else os.path.abspath(data_dir)}, f, indent=1, sort_keys=True)
   mesh = sharding.make_mesh(config["mesh"]["data"], config["mesh"]["model"])
   if tc["batch_size"] % config["mesh"]["data"]:
     raise ContractError(f"train.batch_size ({tc['batch_size']}) must be divisible by mesh.data "
