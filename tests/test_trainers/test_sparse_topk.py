@@ -153,6 +153,18 @@ def test_small_l_gives_hard_topk_and_large_l_gives_uniform(solver):
   assert all(a > b for a, b in zip(dists, dists[1:]))
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_gradient_in_l_edge_sizes_and_nan(solver):
+  x = jnp.array([1.0, 0.9, 0.5, -1.0])
+  f = lambda l: jnp.sum(sparse_topk_mask(x, 2, l=l, solver=solver) * jnp.arange(1.0, 5.0))
+  assert float(jax.grad(f)(0.5)) == pytest.approx(float(f(0.501) - f(0.499)) / 0.002, rel=1e-2)
+  assert float(jax.grad(f)(0.5)) != 0.0
+  np.testing.assert_array_equal(np.asarray(sparse_topk_mask(jnp.array([3.0]), 1, solver=solver)), [1.0])
+  assert sparse_topk_mask(jnp.zeros((0, 8)), 2, solver=solver).shape == (0, 8)
+  y = np.asarray(sparse_topk_mask(jnp.array([[1.0, jnp.nan, 0.0], [1.0, 2.0, 0.0]]), 1, solver=solver))
+  assert np.isnan(y[0]).all() and y[1].tolist() == [0.0, 1.0, 0.0]
+
+
 def test_ties_get_equal_mask_values():
   y = np.asarray(sparse_topk_mask(jnp.array([3.0, 1.0, 3.0, 0.0]), 1, l=0.01))
   np.testing.assert_array_equal(y, [0.5, 0.0, 0.5, 0.0])

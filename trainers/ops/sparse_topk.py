@@ -182,9 +182,10 @@ def _pav_row(s, w, p):
     stack = lax.dynamic_update_index_in_dim(stack, row, top, 0)
     return i + jnp.where(viol, 0, 1), top, stack, violation(top, stack)
 
-  stack = jnp.zeros((n, width), dt).at[:, 1].set(1.0)
+  stack = jnp.zeros((n + 1, width), dt).at[:, 1].set(1.0)   # one spare row: the pair read needs two
   init = (jnp.int32(0), jnp.int32(-1), stack, jnp.array(False))
   _, top, stack, _ = lax.while_loop(lambda c: (c[0] < n) | c[3], body, init)
+  stack = stack[:n]
   starts = jnp.where(jnp.arange(n) <= top, stack[:, 0].astype(jnp.int32), n)
   block = jnp.cumsum(jnp.zeros(n, jnp.int32).at[starts].add(1, mode="drop")) - 1
   v, size = stack[block, 3], stack[block, 1]
@@ -358,6 +359,8 @@ def _mask(x, l, *, k, p, solver, iters, tol):
     y_sorted = _dykstra_mask_sorted(s, k, p, iters, tol)
   rows = jnp.arange(z.shape[0])[:, None]
   y = jnp.zeros_like(z).at[rows, order].set(y_sorted)
+  # Blocks of one element copy w, so a NaN would otherwise come out as a confident 0/1 mask.
+  y = jnp.where(jnp.isnan(z).any(axis=-1, keepdims=True), jnp.nan, y)
   out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else compute
   return y.reshape(x.shape).astype(out_dtype)
 
