@@ -41,7 +41,8 @@ def median_seconds(fn, args, repeats):
 def methods(k, ps):
   """name -> (forward fn, scalar objective for fwd+bwd)."""
   out = {
-      "lax.top_k (hard)": (lambda x: jax.lax.top_k(x, k), lambda x, r: jnp.sum(jax.lax.top_k(x, k)[0] * r[..., :k])),
+      "lax.top_k (hard)": (lambda x: jax.lax.top_k(x, k),
+                           lambda x, r: jnp.sum(jax.lax.top_k(x, k)[0] * r[..., :k])),
       "full sort (lax.top_k(x, n))": (lambda x: jax.lax.top_k(x, x.shape[-1]), None),
   }
   for p in ps:

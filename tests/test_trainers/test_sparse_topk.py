@@ -124,6 +124,18 @@ def test_batched_equals_per_row(solver):
                                  atol=1e-6)
 
 
+@pytest.mark.parametrize("p", [2.0, 4.0 / 3.0, 3.0])
+def test_vmapped_pav_rows_used_off_cpu_agree_with_sequential_rows(monkeypatch, p):
+  from trainers.ops import sparse_topk as ops
+  s = -jnp.sort(-jax.random.normal(jax.random.key(12), (5, 33)) / 0.2, axis=-1)
+  sequential = np.asarray(ops._pav_mask_sorted(s, 3, p))
+  grad_sequential = np.asarray(jax.grad(lambda s: jnp.sum(ops._pav_mask_sorted(s, 3, p) * s))(s))
+  monkeypatch.setattr(ops, "_rows_in_sequence", lambda: False)
+  np.testing.assert_allclose(np.asarray(ops._pav_mask_sorted(s, 3, p)), sequential, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.grad(lambda s: jnp.sum(ops._pav_mask_sorted(s, 3, p) * s))(s)),
+                             grad_sequential, atol=1e-5)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_jit_vmap_and_grad(solver):
   x = jax.random.normal(jax.random.key(5), (6, 12))
@@ -250,7 +262,8 @@ def test_hard_pruning_reaches_the_exact_sparsity_and_keeps_the_largest():
 
 def test_sparse_topk_pruning_matches_hard_for_small_l_and_is_trainable():
   w = jax.random.normal(jax.random.key(11), (32, 16)) * 0.02   # scale-free: l is relative to mean(w^2)/2
-  np.testing.assert_array_equal(np.asarray(prune_array(w, 0.9, l=1e-4)), np.asarray(prune_array(w, 0.9, method="hard")))
+  np.testing.assert_array_equal(np.asarray(prune_array(w, 0.9, l=1e-4)),
+                                np.asarray(prune_array(w, 0.9, method="hard")))
   soft = np.asarray(prune_array(w, 0.9, l=0.5))
   keep = kept_count(w.size, 0.9)
   assert keep <= (soft != 0).sum() < 2 * keep                  # at most the target sparsity, still sparse
