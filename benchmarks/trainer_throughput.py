@@ -58,7 +58,7 @@ def make_batch(groups: list[list[int]], rng) -> dict:
   return {"patches": patches, "patch_yx": yx, "segment_ids": seg, "image_grid": grid, "labels": labels}
 
 
-def time_steps(model_cfg, batches, steps, use_mask=True):
+def make_trainer(model_cfg, use_mask=True):
   info = {"patch_size": PATCH, "num_classes": 10, "max_images": MAX_IMAGES, "max_patches_per_image": SEQ_LEN,
           "seq_len": SEQ_LEN}
   config = apply_overrides(load_config("smoke"), {f"model.{k}": v for k, v in model_cfg.items()})
@@ -69,15 +69,21 @@ def time_steps(model_cfg, batches, steps, use_mask=True):
         "__call__": lambda self, *a, **k: original(*a, **{**k, "use_mask": False})})
   optimizer, _ = make_optimizer(model, config["train"])
   model.train()
-  loss, _ = train_step(model, optimizer, batches[0])  # compile
-  loss.block_until_ready()
-  times = []
+  return model, optimizer, model_flops_per_sequence(config["model"], info) * ROWS
+
+
+def time_side_by_side(trainers: dict, batches: dict, steps: int) -> dict:
+  """Median step time per variant, the variants interleaved step by step so that whatever else the machine
+  is doing weighs on all of them alike."""
+  for name, (model, optimizer, _) in trainers.items():
+    train_step(model, optimizer, batches[name][0])[0].block_until_ready()  # compile
+  times = {name: [] for name in trainers}
   for i in range(steps):
-    start = time.perf_counter()
-    loss, _ = train_step(model, optimizer, batches[i % len(batches)])
-    loss.block_until_ready()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), model_flops_per_sequence(config["model"], info) * ROWS
+    for name, (model, optimizer, _) in trainers.items():
+      start = time.perf_counter()
+      train_step(model, optimizer, batches[name][i % len(batches[name])])[0].block_until_ready()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main():
@@ -98,9 +104,11 @@ def main():
   print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; model width 128 depth 2; "
         f"batch {ROWS} x {SEQ_LEN} tokens; reference mix mean {counts.mean():.0f} tokens/image")
 
-  packed_t, flops = time_steps(model_cfg, packed_batches, args.steps)
-  padded_t, _ = time_steps(model_cfg, padded_batches, args.steps)
-  unmasked_t, _ = time_steps(model_cfg, packed_batches, args.steps, use_mask=False)
+  trainers = {"packed": make_trainer(model_cfg), "padded": make_trainer(model_cfg),
+              "unmasked": make_trainer(model_cfg, use_mask=False)}
+  t = time_side_by_side(trainers, {"packed": packed_batches, "padded": padded_batches,
+                                   "unmasked": packed_batches}, args.steps)
+  packed_t, padded_t, unmasked_t, flops = t["packed"], t["padded"], t["unmasked"], trainers["packed"][2]
   print("\n1. packed vs padded (equal tokens per batch)")
   print(f"   {'':8} {'images/step':>11} {'real tokens':>11} {'step ms':>8} {'images/s':>9}")
   for name, bs, t in (("padded", padded_batches, padded_t), ("packed", packed_batches, packed_t)):
