@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from trainers.moe import MoEFeedForward
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _NEG = -1e9  # finite, so rows that see no key at all (padding) stay free of NaN
 
@@ -45,8 +47,16 @@ class Block(nnx.Module):
     self.out = _dense(width, width, cfg, rngs)
     self.q_norm = _norm(width // heads, cfg, rngs) if cfg["qk_norm"] else None
     self.k_norm = _norm(width // heads, cfg, rngs) if cfg["qk_norm"] else None
-    self.mlp_in = _dense(width, cfg["mlp_dim"], cfg, rngs)
-    self.mlp_out = _dense(cfg["mlp_dim"], width, cfg, rngs)
+    moe = cfg.get("moe") or {}
+    if moe.get("num_experts", 0):
+      # Sparse mixture of experts in place of the dense MLP (Gemini-style MoE; router per issue "sparse top-k").
+      self.moe = MoEFeedForward(width, cfg["mlp_dim"], moe["num_experts"], moe["k"], router=moe["router"],
+                                capacity_factor=moe["capacity_factor"], rngs=rngs)
+      self.mlp_in = self.mlp_out = None
+    else:
+      self.moe = None
+      self.mlp_in = _dense(width, cfg["mlp_dim"], cfg, rngs)
+      self.mlp_out = _dense(cfg["mlp_dim"], width, cfg, rngs)
     self.dropout = nnx.Dropout(cfg.get("dropout", 0.0), rngs=rngs)
 
   def _attend(self, y, mask):
@@ -56,15 +66,20 @@ class Block(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     return self.dropout(self.out(_attention(q, k, v, mask).reshape(b, length, width)))
 
-  def _mlp(self, y):
+  def _mlp(self, y, token_mask):
+    if self.moe is not None:
+      update, aux = self.moe(y, token_mask)
+      # Collected by the train step (nnx.pop) and added to the loss with weight model.moe.aux_weight.
+      self.sow(nnx.Intermediate, "moe_load_balancing_loss", aux["load_balancing_loss"])
+      return self.dropout(update.astype(y.dtype))
     return self.dropout(self.mlp_out(jax.nn.gelu(self.mlp_in(y))))
 
-  def __call__(self, x, mask):
+  def __call__(self, x, mask, token_mask=None):
     if self.parallel:  # ViT-22B: one norm, attention and MLP side by side, summed.
       y = self.norm1(x)
-      return x + self._attend(y, mask) + self._mlp(y)
+      return x + self._attend(y, mask) + self._mlp(y, token_mask)
     x = x + self._attend(self.norm1(x), mask)
-    return x + self._mlp(self.norm2(x))
+    return x + self._mlp(self.norm2(x), token_mask)
 
 
 class MAPHead(nnx.Module):
@@ -141,7 +156,7 @@ class NaViT(nnx.Module):
     if use_mask:
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
     for block in self.blocks:
-      x = block(x, mask)
+      x = block(x, mask, segment_ids > 0)
     x = self.norm(x)
     slots = (segment_ids[..., None] == jnp.arange(1, self.max_images + 1)).astype(x.dtype)  # [B, L, M]
     if self.pool == "map":

@@ -22,6 +22,8 @@ RULES = (
     (r"embed/kernel$", ("data", "model")),
     (r"pos_(row|col)$", (None, "model")),
     (r"head/kernel$", ("data", None)),
+    (r"moe/w_(in|out)$", ("model", None, None)),  # experts over the model axis
+    (r"moe/b_(in|out)$", ("model", None)),
 )
 
 

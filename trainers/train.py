@@ -53,10 +53,13 @@ def _forward(model, batch, train):
   return model(batch["patches"], batch["patch_yx"], batch["segment_ids"], batch.get("image_grid"), train=train)
 
 
-@functools.partial(nnx.jit, static_argnames="label_smoothing")
-def train_step(model, optimizer, batch, label_smoothing=0.0):
+@functools.partial(nnx.jit, static_argnames=("label_smoothing", "aux_weight"))
+def train_step(model, optimizer, batch, label_smoothing=0.0, aux_weight=0.0):
   def loss_fn(model):
-    return slot_loss_and_accuracy(_forward(model, batch, True), batch["labels"], label_smoothing)
+    loss, accuracy = slot_loss_and_accuracy(_forward(model, batch, True), batch["labels"], label_smoothing)
+    # MoE layers sow their load-balancing losses; dense models sow nothing.
+    aux = sum(jnp.sum(v) for v in jax.tree.leaves(nnx.pop(model, nnx.Intermediate)))
+    return loss + aux_weight * aux, accuracy
   (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
   return loss, accuracy
@@ -64,7 +67,9 @@ def train_step(model, optimizer, batch, label_smoothing=0.0):
 
 @nnx.jit
 def eval_step(model, batch):
-  return slot_loss_and_accuracy(_forward(model, batch, False), batch["labels"])
+  result = slot_loss_and_accuracy(_forward(model, batch, False), batch["labels"])
+  nnx.pop(model, nnx.Intermediate)
+  return result
 
 
 def evaluate_split(model, data: dict, batch_size: int) -> dict:
@@ -160,7 +165,8 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
   for step in range(start + 1, tc["steps"] + 1):
     idx = batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"])
     batch = sharding.shard_batch(mesh, {k: train_data[k][idx] for k in MODEL_INPUTS})
-    loss, accuracy = train_step(model, optimizer, batch, label_smoothing=tc["label_smoothing"])
+    loss, accuracy = train_step(model, optimizer, batch, label_smoothing=tc["label_smoothing"],
+                                aux_weight=config["model"]["moe"]["aux_weight"])
     window_images += int((train_data["labels"][idx] >= 0).sum())
     window_steps += 1
     is_log, is_save = step % tc["log_every"] == 0 or step == tc["steps"], step % tc["checkpoint_every"] == 0
