@@ -35,7 +35,7 @@ class Block(nnx.Module):
 class NaViT(nnx.Module):
 
   def __init__(self, *, patch_dim: int, num_classes: int, max_images: int, max_grid: int, width: int,
-               depth: int, heads: int, mlp_dim: int, rngs: nnx.Rngs):
+               depth: int, heads: int, mlp_dim: int, rngs: nnx.Rngs, dropout: float = 0.0):
     self.max_images = max_images
     self.embed = nnx.Linear(patch_dim, width, rngs=rngs)
     init = nnx.initializers.normal(0.02)
@@ -45,6 +45,9 @@ class NaViT(nnx.Module):
     self.blocks = nnx.List([Block(width, heads, mlp_dim, rngs=rngs) for _ in range(depth)])
     self.norm = nnx.LayerNorm(width, rngs=rngs)
     self.head = nnx.Linear(width, num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+    # Dropout on the pooled features (model.eval() turns it off; MC dropout keeps it on). Made last, and only
+    # when used, so the other parameters and checkpoints are the same as without it.
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
 
   def __call__(self, patches, patch_yx, segment_ids):
     """patches uint8 [B, L, P], patch_yx int32 [B, L, 2], segment_ids int32 [B, L] -> logits [B, M, C]."""
@@ -56,7 +59,7 @@ class NaViT(nnx.Module):
     x = self.norm(x)
     slots = (segment_ids[..., None] == jnp.arange(1, self.max_images + 1)).astype(x.dtype)  # [B, L, M]
     pooled = jnp.einsum("blm,bld->bmd", slots, x) / jnp.maximum(slots.sum(axis=1), 1.0)[..., None]
-    return self.head(pooled)
+    return self.head(self.dropout(pooled) if self.dropout is not None else pooled)
 
 
 def build_model(model_config: dict, info: dict, seed: int) -> NaViT:
@@ -64,4 +67,4 @@ def build_model(model_config: dict, info: dict, seed: int) -> NaViT:
   return NaViT(patch_dim=info["patch_size"] ** 2 * 3, num_classes=info["num_classes"],
                max_images=info["max_images"], max_grid=info.get("max_patches_per_image", info["seq_len"]),
                width=model_config["width"], depth=model_config["depth"], heads=model_config["heads"],
-               mlp_dim=model_config["mlp_dim"], rngs=nnx.Rngs(seed))
+               mlp_dim=model_config["mlp_dim"], rngs=nnx.Rngs(seed), dropout=model_config.get("dropout", 0.0))

@@ -6,6 +6,7 @@ Started again on the same workdir it resumes from the last checkpoint and replay
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -25,11 +26,16 @@ from trainers.input_pipeline import MODEL_INPUTS, batch_indices, load_split
 from trainers.model import build_model
 
 
-def slot_loss_and_accuracy(logits, labels):
-  """Mean cross-entropy and accuracy over filled image slots (label >= 0); empty slots weigh nothing."""
+def slot_loss_and_accuracy(logits, labels, label_smoothing: float = 0.0):
+  """Mean cross-entropy (against labels smoothed towards uniform when label_smoothing > 0) and accuracy over
+  filled image slots (label >= 0); empty slots weigh nothing."""
   filled = labels >= 0
   safe = jnp.where(filled, labels, 0)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  if label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(safe, logits.shape[-1]), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
   count = jnp.maximum(filled.sum(), 1)
   loss = jnp.where(filled, losses, 0.0).sum() / count
   accuracy = jnp.where(filled, logits.argmax(-1) == safe, False).sum() / count
@@ -44,11 +50,11 @@ def make_optimizer(model, train_config: dict) -> nnx.Optimizer:
   return nnx.Optimizer(model, tx, wrt=nnx.Param), schedule
 
 
-@nnx.jit
-def train_step(model, optimizer, batch):
+@functools.partial(nnx.jit, static_argnames="label_smoothing")
+def train_step(model, optimizer, batch, label_smoothing: float = 0.0):
   def loss_fn(model):
     logits = model(batch["patches"], batch["patch_yx"], batch["segment_ids"])
-    return slot_loss_and_accuracy(logits, batch["labels"])
+    return slot_loss_and_accuracy(logits, batch["labels"], label_smoothing)
   (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
   return loss, accuracy
@@ -112,7 +118,7 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
   for step in range(start + 1, tc["steps"] + 1):
     idx = batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"])
     batch = {k: train_data[k][idx] for k in MODEL_INPUTS}
-    loss, accuracy = train_step(model, optimizer, batch)
+    loss, accuracy = train_step(model, optimizer, batch, label_smoothing=tc.get("label_smoothing", 0.0))
     window_images += int((batch["labels"] >= 0).sum())
     if step % tc["log_every"] == 0 or step == tc["steps"]:
       loss = float(loss)
@@ -131,6 +137,7 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
   manager.wait_until_finished()
   final = {"step": tc["steps"], "loss": float(loss), "params_sha256": checkpointing.params_sha256(model)}
   if val_data is not None:
+    model.eval()  # no dropout
     final["val"] = evaluate_split(model, val_data, tc["batch_size"])
     log(f"train: validation accuracy {final['val']['accuracy']:.3f} on {final['val']['images']} images")
   write_lineage(workdir, "train", config, {"shards": data_dir})
@@ -155,6 +162,7 @@ def load_trained_model(workdir: str):
   manager = checkpointing.checkpoint_manager(workdir, config["train"]["keep_checkpoints"])
   if checkpointing.restore_latest(manager, model, optimizer) is None:
     raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
+  model.eval()  # ready for prediction: no dropout (MC dropout calls model.train())
   return model, saved
 
 
