@@ -44,10 +44,12 @@ def generate(path: str, rows: int, classes: int, seed: int = 0) -> None:
 
 
 def floor(path: str) -> dict:
-  """The floor: read every row group, softmax confidence and argmax, 15-bin ECE. Nothing else."""
+  """The floor: read every row group, softmax confidence and argmax, 15-bin ECE. Nothing else. It reads with
+  the same pyarrow options as `patchflow calibrate` (pre_buffer off: 5x faster here than the default)."""
   import pyarrow.parquet as pq
   count, conf_sum, correct_sum = np.zeros(NUM_BINS), np.zeros(NUM_BINS), np.zeros(NUM_BINS)
-  for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP, columns=["label", "logits"]):
+  file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+  for batch in file.iter_batches(batch_size=8192, columns=["label", "logits"], use_threads=False):
     labels = batch.column(0).to_numpy()
     x = batch.column(1).values.to_numpy().reshape(len(labels), -1)
     top = x.max(axis=1)

@@ -1,4 +1,5 @@
-"""The steps of the smoke DAG: synthetic data -> shards -> checkpoint -> predictions/metrics -> report."""
+"""The steps of the smoke DAG: synthetic data -> shards -> checkpoint -> predictions/metrics -> report
+(the calibrate step between evaluate and report is in components/calibration.py)."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
@@ -48,7 +49,8 @@ def evaluate(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Outpu
 
 
 @component
-def report(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Input[Dataset], report: Output[HTML]):
+def report(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Input[Dataset],
+           calibration: Input[Dataset], report: Output[HTML]):
   from evaluators.report import render_report
-  summary = render_report(shards.path, checkpoint.path, evaluation.path, report.path)
+  summary = render_report(shards.path, checkpoint.path, evaluation.path, report.path, calibration.path)
   report.metadata.update(summary)

@@ -22,7 +22,7 @@ from pipelines import registry
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_PROGRESS_PREFIXES = ("build_shards:", "train:", "evaluate:")
+_PROGRESS_PREFIXES = ("build_shards:", "train:", "evaluate:", "calibrate:", "study:")
 _UNCHECKED_ARTIFACTS = {"system.Metrics", "system.ClassificationMetrics", "system.SlicedClassificationMetrics"}
 
 

@@ -2,6 +2,7 @@
 
 from kfp import dsl
 
+from components import calibration as calibration_steps
 from components import smoke as step
 
 
@@ -18,6 +19,8 @@ def smoke(seed: int = 0, num_train: int = 600, num_val: int = 150, num_test: int
   checkpoint = step.train(shards=shards.outputs["shards"], seed=seed, steps=steps, batch_size=batch_size,
                            learning_rate=learning_rate, width=width, depth=depth)
   evaluation = step.evaluate(shards=shards.outputs["shards"], checkpoint=checkpoint.outputs["checkpoint"])
+  calibration = calibration_steps.calibrate(evaluation=evaluation.outputs["evaluation"])
   report = step.report(shards=shards.outputs["shards"], checkpoint=checkpoint.outputs["checkpoint"],
-                        evaluation=evaluation.outputs["evaluation"])
+                        evaluation=evaluation.outputs["evaluation"],
+                        calibration=calibration.outputs["calibration"])
   return report.outputs["report"]

@@ -10,7 +10,7 @@ from pipelines import registry
 from pipelines.cli import main
 from pipelines.local_run import check_outputs, dag_tasks, last_error_line
 
-SMOKE_TASKS = {"make-synthetic-data", "build-shards", "train", "evaluate", "report"}
+SMOKE_TASKS = {"make-synthetic-data", "build-shards", "train", "evaluate", "calibrate", "report"}
 
 
 def test_compile_writes_kfp_ir_with_every_step(tmp_path, capsys):

@@ -25,11 +25,12 @@ def test_smoke_run_succeeds_and_writes_the_report(tmp_path):
   assert os.path.isabs(report) and os.path.exists(report)
   html = open(report, encoding="utf-8").read()
   assert "Validation accuracy" in html and "data:image/png;base64," in html
+  assert "<h2>Calibration</h2>" in html and "ECE (100 equal-mass bins)" in html and 'alt="selective prediction"' in html
   record = json.load(open(tmp_path / run_id / "run.json"))
   assert record["status"] == "SUCCEEDED" and record["params"]["steps"] == 12
   assert {s["verdict"] for s in record["steps"].values()} == {"SUCCEEDED"}
-  assert len(record["steps"]) == 5
-  for step in ("build-shards", "train", "evaluate", "report"):
+  assert len(record["steps"]) == 6
+  for step in ("build-shards", "train", "evaluate", "calibrate", "report"):
     assert f"{step}: SUCCESS" in result.stdout  # progress is shown as steps finish
 
 
