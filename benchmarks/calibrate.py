@@ -62,17 +62,24 @@ def floor(path: str) -> dict:
   return {"ece": float(np.abs(correct_sum - conf_sum).sum() / count.sum())}
 
 
+def _env() -> dict:
+  # Bytecode caches on, as in a normal Python setup (some sandboxes set PYTHONDONTWRITEBYTECODE, which makes
+  # every run compile matplotlib and friends again: about 1.5 s here).
+  return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def timed(argv: list[str]) -> dict:
-  """Runs a command; wall seconds and the peak RSS of its process tree's largest member (wait4)."""
+  """Runs a command; wall seconds, CPU seconds and peak RSS of the process (wait4)."""
   start = time.perf_counter()
-  process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
   out, err = process.stdout.read(), process.stderr.read()
   _, status, usage = os.wait4(process.pid, 0)
   process.returncode = os.waitstatus_to_exitcode(status)
   seconds = time.perf_counter() - start
   if process.returncode:
     raise SystemExit(f"{' '.join(argv)} failed ({process.returncode}):\n{err[-2000:]}")
-  return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": out}
+  return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+          "stdout": out}
 
 
 def main(argv=None) -> int:
@@ -98,26 +105,33 @@ def main(argv=None) -> int:
   with open(path, "rb") as f:  # warm the page cache so both contenders read from memory
     while f.read(1 << 24):
       pass
+  exe = os.path.join(os.path.dirname(sys.executable), "patchflow")
+  with tempfile.TemporaryDirectory() as warm:  # imports, bytecode and font caches, once, on a tiny file
+    generate(os.path.join(warm, "tiny.parquet"), 100, 10)
+    timed([sys.executable, __file__, "--floor", os.path.join(warm, "tiny.parquet")])
+    timed([exe, "calibrate", "--predictions", os.path.join(warm, "tiny.parquet"), "--output", warm])
   rows = []
   floor_run = timed([sys.executable, __file__, "--floor", path])
   floor_ece = json.loads(floor_run["stdout"])["ece"]
   rows.append(("floor: read + 15-bin ECE (numpy)", floor_run, floor_ece))
-  exe = os.path.join(os.path.dirname(sys.executable), "patchflow")
   with tempfile.TemporaryDirectory() as out:
     run = timed([exe, "calibrate", "--predictions", path, "--output", out])
     with open(os.path.join(out, "calibration.json"), encoding="utf-8") as f:
       result = json.load(f)
   rows.append(("patchflow calibrate (every metric, figures, HTML, lineage)", run, result["ece"]))
-  print(f"{'contender':62s} {'seconds':>8s} {'x floor':>8s} {'peak RSS MB':>12s} {'ECE':>10s}")
+  load = os.getloadavg()[0]
+  print(f"{'contender':62s} {'seconds':>8s} {'x floor':>8s} {'CPU s':>7s} {'x floor':>8s} {'peak RSS MB':>12s} "
+        f"{'ECE':>10s}")
   for name, r, ece in rows:
-    print(f"{name:62s} {r['seconds']:8.2f} {r['seconds'] / floor_run['seconds']:8.2f} "
-          f"{r['peak_rss_mb']:12.0f} {ece:10.6f}")
+    print(f"{name:62s} {r['seconds']:8.2f} {r['seconds'] / floor_run['seconds']:8.2f} {r['cpu_seconds']:7.2f} "
+          f"{r['cpu_seconds'] / floor_run['cpu_seconds']:8.2f} {r['peak_rss_mb']:12.0f} {ece:10.6f}")
   for name in ("torchmetrics", "netcal"):
     if importlib.util.find_spec(name) is None:
       print(f"{name:62s} not installed")
     else:
       print(f"{name:62s} installed, but not run by this script (run it in its own environment)")
-  print(f"ECE agrees with the floor to {abs(result['ece'] - floor_ece):.2e}")
+  print(f"ECE agrees with the floor to {abs(result['ece'] - floor_ece):.2e}; 1-minute load average at the end: "
+        f"{load:.1f} on {os.cpu_count()} cores (other processes make wall times noisy; CPU seconds less so)")
   return 0
 
 

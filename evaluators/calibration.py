@@ -15,7 +15,8 @@ in evaluators/metrics.py, which also finishes them from the per-bin sums accumul
     Fit rows: split == "val" when that split exists, else numpy default_rng(0).choice(N, round(N/5)) (at least
     1 and, when N > 1, at most N-1 rows); every other row is held out. NLL is convex in beta = 1/T; it is
     minimised by safeguarded Newton steps on dNLL/dbeta = mean_i(E_p[z_i] - z_i,y_i), first on a subsample of
-    the fit rows, then on all of them until the step is below 1e-9 beta.
+    the fit rows, then on all of them until a step is below 1e-4 beta (the error after that step is about
+    its square).
   ece_temperature_scaled = `ece` of softmax(z / T) over the held-out rows (null when none are held out).
   bootstrap: 95% percentile intervals of `ece` and `accuracy` over 1000 resamples of the N rows with
     replacement (seed 0). A resample is drawn cell by cell, which has the same distribution: the counts of
@@ -35,9 +36,10 @@ in evaluators/metrics.py, which also finishes them from the per-bin sums accumul
     (Uncertainty Baselines' calibration AUC; null when all predictions are right or all wrong).
 
 Memory: the single-pass metrics hold one chunk (about 32 MB of scores) plus per-group sums (G x K x 15);
-O(N) scalars per row are kept for equal-mass ECE, bootstrap, OOD and selective prediction; the fit rows'
-shifted logits are kept for the temperature fit (in memory up to 512 MB, then in a temporary file). The
-held-out rows are read a second time to apply the fitted temperature.
+O(N) scalars per row are kept for equal-mass ECE, bootstrap, OOD and selective prediction. The file is
+decoded once or twice: the fit rows' shifted scores (for the Newton passes of the temperature fit) are kept
+in memory up to 512 MB, beyond that in a temporary file; the held-out rows' scores (to apply the fitted
+temperature) are kept in memory when they take at most 512 MB, else they are read from the file again.
 """
 
 import json
@@ -62,12 +64,12 @@ BOOTSTRAP_EXACT_MAX_DRAWS = 50
 FIT_FRACTION = 0.2
 SEED = 0
 TEMPERATURE_RANGE = (0.01, 100.0)
+NEWTON_TOLERANCE = 1e-4
 SELECTIVE_POINTS = 20
 CHUNK_FLOATS = 1 << 23          # about 32 MB of float32 scores per chunk
 READ_BUFFER_BYTES = 1 << 20
 STORE_BUDGET_BYTES = 1 << 29    # fit rows kept in memory up to this, then spilled to a temporary file
 _TINY = float(np.finfo(np.float32).tiny)
-_LOG_TINY = float(np.log(_TINY))
 SCORE_COLUMNS = ("logits", "probs")
 
 
@@ -191,9 +193,13 @@ def _chunks(source: Source, columns: list[str]):
 
   def read():
     row0 = 0
-    for batch in source.file.iter_batches(batch_size=rows, columns=columns, use_threads=False):
-      yield row0, batch
-      row0 += batch.num_rows
+    try:
+      for batch in source.file.iter_batches(batch_size=rows, columns=columns, use_threads=False):
+        yield row0, batch
+        row0 += batch.num_rows
+    except (pa.ArrowException, OSError) as e:
+      raise ContractError(f"{source.path}: cannot read the rows after row {row0} "
+                          f"({str(e).splitlines()[0]})") from None
   return _prefetch(read())
 
 
@@ -397,24 +403,34 @@ class RowStore:
     rows = np.ascontiguousarray(rows, np.float32)
     self.rows += len(rows)
     if self.spill is None and self.memory_bytes + rows.nbytes <= self.budget:
-      self.memory.append(rows.copy())
+      self.memory.append(rows if rows.flags.owndata else rows.copy())
       self.memory_bytes += rows.nbytes
       return
     if self.spill is None:
       self.spill_dir = tempfile.mkdtemp(prefix="patchflow-calibrate-")
       self.spill = open(os.path.join(self.spill_dir, "rows.f32"), "w+b")
-    rows.tofile(self.spill)
+    self.spill.write(memoryview(rows).cast("B"))
 
   def chunks(self, rows_per_chunk: int):
-    yield from self.memory
+    """The rows in order, as arrays of at most rows_per_chunk rows (file rows reuse one buffer)."""
+    for block in self.memory:
+      for start in range(0, len(block), rows_per_chunk):
+        yield block[start:start + rows_per_chunk]
     if self.spill is not None:
       self.spill.flush()
       self.spill.seek(0)
-      while True:
-        block = np.fromfile(self.spill, np.float32, count=rows_per_chunk * self.k)
-        if not block.size:
-          break
-        yield block.reshape(-1, self.k)
+      buffer = np.empty((rows_per_chunk, self.k), np.float32)
+      while (size := self.spill.readinto(memoryview(buffer).cast("B"))):
+        yield buffer[:size // (4 * self.k)]
+
+  def head(self, rows: int) -> np.ndarray:
+    parts, have = [], 0
+    for block in self.chunks(rows):
+      parts.append(block[:rows - have].copy())
+      have += len(parts[-1])
+      if have >= rows:
+        break
+    return np.concatenate(parts) if parts else np.zeros((0, self.k), np.float32)
 
   def close(self) -> None:
     if self.spill is not None:
@@ -447,7 +463,9 @@ def _nll_derivatives(chunks, gap_label: np.ndarray, beta: float) -> tuple[float,
 
 def fit_temperature(chunks_fn, gap_label: np.ndarray, start_beta: float = 1.0) -> float:
   """argmin over T in TEMPERATURE_RANGE of the NLL of softmax(z / T); `chunks_fn()` iterates the shifted
-  scores d of the fit rows. Safeguarded Newton on dNLL/dbeta, which is non-decreasing in beta."""
+  scores d of the fit rows. Safeguarded Newton on dNLL/dbeta (non-decreasing in beta: the NLL is convex in
+  beta), until a step is below NEWTON_TOLERANCE beta; quadratic convergence leaves an error of about its
+  square."""
   lo, hi = 1.0 / TEMPERATURE_RANGE[1], 1.0 / TEMPERATURE_RANGE[0]
   beta = min(max(start_beta, lo), hi)
   for _ in range(100):
@@ -459,11 +477,12 @@ def fit_temperature(chunks_fn, gap_label: np.ndarray, start_beta: float = 1.0) -
     else:
       lo = beta
     step = beta - grad / curvature if curvature > 0 else np.nan
-    new = step if lo < step < hi else (lo * hi) ** 0.5
-    if abs(new - beta) <= 1e-9 * beta or hi - lo <= 1e-12 * hi:
-      beta = new
-      break
+    newton = lo < step < hi
+    new = step if newton else (lo * hi) ** 0.5
+    converged = (newton and abs(new - beta) <= NEWTON_TOLERANCE * beta) or hi - lo <= 1e-12 * hi
     beta = new
+    if converged:
+      break
   return 1.0 / beta
 
 
@@ -591,6 +610,11 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
   confidence, correct = np.empty(n), np.empty(n, bool)
   top, gap_label = np.empty(n, np.float32), np.empty(n)
   store = RowStore(k, store_budget_bytes)
+  held = ~fit
+  # The held-out rows' scores are kept in memory for applying the temperature when they fit in the budget;
+  # otherwise the file is read a second time (spilling them to disk was slower than decoding again: writes
+  # of gigabytes hit the kernel's dirty-page throttling on the machine this was measured on).
+  held_scores = RowStore(k, store_budget_bytes) if int(held.sum()) * k * 4 <= store_budget_bytes else None
   scratch = np.empty((max(1, CHUNK_FLOATS // k), k), np.float32)
   flags = np.empty(scratch.shape, bool)
   try:
@@ -605,6 +629,8 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
       chosen = np.flatnonzero(fit[rows])
       if chosen.size:
         store.append(shifted_log_scores(source, x[chosen], stats.top[chosen], scratch))
+      if held_scores is not None and chosen.size < len(x):
+        held_scores.append(x[held[rows]] if chosen.size else x)
     log(f"calibrate: pass 1 done ({n} rows, {k} classes)")
     result = {"num_examples": n, "num_classes": k, "score_column": source.score}
     overall = acc.group_metrics(0)
@@ -613,7 +639,8 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
     result.update({key: overall[key] for key in ("rms_ce", "classwise_ece")})
     temperature = _fit(store, gap_label[fit], k)
     result["temperature"] = temperature
-    scaled = _held_out_scaled(source, ~fit, top, gap_label, correct, temperature) if (~fit).any() else None
+    scaled = _held_out_scaled(source, held, held_scores, top, gap_label, correct, temperature) \
+        if held.any() else None
     result["ece_temperature_scaled"] = scaled["after"]["ece"] if scaled else None
     held = acc.group_metrics(held_group)
     result["temperature_fit"] = {
@@ -639,44 +666,56 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
     return result
   finally:
     store.close()
+    if held_scores is not None:
+      held_scores.close()
 
 
 def _fit(store: RowStore, gap_label: np.ndarray, k: int) -> float:
   rows_per_chunk = max(1, CHUNK_FLOATS // k)
-  # A start close to the optimum from a subsample keeps the passes over all fit rows to two or three.
-  sample_rows = max(1, min(store.rows, (1 << 22) // k))
-  sample = next(store.chunks(sample_rows))[:sample_rows] if store.rows else None
+  # A start close to the optimum, from a subsample, keeps the passes over all fit rows to two or three.
+  sample = store.head(max(1, (1 << 23) // k))
   start = fit_temperature(lambda: [sample], gap_label[:len(sample)]) if store.rows > len(sample) else 1.0
   return fit_temperature(lambda: store.chunks(rows_per_chunk), gap_label, 1.0 / start)
 
 
-def _held_out_scaled(source: Source, held: np.ndarray, top: np.ndarray, gap_label: np.ndarray,
-                     correct: np.ndarray, temperature: float) -> dict:
-  """Second pass: top-label confidence and NLL of softmax(z / T) on the held-out rows."""
+def _held_out_scaled(source: Source, held: np.ndarray, held_scores: RowStore | None, top: np.ndarray,
+                     gap_label: np.ndarray, correct: np.ndarray, temperature: float) -> dict:
+  """Top-label confidence and NLL of softmax(z / T) on the held-out rows, from their stored scores (or, when
+  they were not stored, from a second read of the file)."""
   beta = np.float32(1.0 / temperature)
-  scratch = np.empty((max(1, CHUNK_FLOATS // source.num_classes), source.num_classes), np.float32)
-  conf_scaled, nll = np.empty(int(held.sum())), 0.0
-  done = 0
-  for row0, batch in _chunks(source, [source.score]):
-    x = score_matrix(source, batch.column(0), row0)
-    rows = slice(row0, row0 + len(x))
-    chosen = np.flatnonzero(held[rows])
-    if not chosen.size:
-      continue
-    subset = 2 * chosen.size < len(x)  # copying the held-out rows pays only when they are few
-    d = shifted_log_scores(source, x[chosen] if subset else x, top[rows][chosen] if subset else top[rows], scratch)
+  rows_per_chunk = max(1, CHUNK_FLOATS // source.num_classes)
+  scratch = np.empty((rows_per_chunk, source.num_classes), np.float32)
+  conf_scaled, nll, done = np.empty(int(held.sum())), 0.0, 0
+  for rows, x in _held_chunks(source, held, held_scores, rows_per_chunk):
+    d = shifted_log_scores(source, x, top[rows], scratch)
     if beta != 1:
       np.multiply(d, beta, out=d)
     np.exp(d, out=d)
-    s = d.sum(axis=1).astype(np.float64)
-    s = s if subset else s[chosen]
+    keep = held[rows]
+    s = d.sum(axis=1).astype(np.float64)[keep]
+    chosen = rows[keep]
     conf_scaled[done:done + len(s)] = 1.0 / s
-    nll += float((np.log(s) + float(beta) * gap_label[rows][chosen]).sum())
+    nll += float((np.log(s) + float(beta) * gap_label[chosen]).sum())
     done += len(s)
   held_correct = correct[held]
   sums = metrics.bin_sums(metrics.equal_width_bin_index(conf_scaled, NUM_BINS), conf_scaled, held_correct, NUM_BINS)
   return {"after": {"ece": float(metrics.calibration_error(*sums)), "nll": nll / done,
                     "reliability": metrics.reliability_from_sums(*sums, np.linspace(0, 1, NUM_BINS + 1))}}
+
+
+def _held_chunks(source: Source, held: np.ndarray, held_scores: RowStore | None, rows_per_chunk: int):
+  """(row numbers, scores of those rows): the stored held-out rows, or whole chunks of a second read of the
+  file (every row is computed and the held-out ones kept: cheaper than copying them out)."""
+  if held_scores is not None:
+    index, done = np.flatnonzero(held), 0
+    for x in held_scores.chunks(rows_per_chunk):
+      yield index[done:done + len(x)], x
+      done += len(x)
+    return
+  for row0, batch in _chunks(source, [source.score]):
+    x = score_matrix(source, batch.column(0), row0)
+    if held[row0:row0 + len(x)].any():
+      yield np.arange(row0, row0 + len(x)), x
 
 
 # ---------------------------------------------------------------- artifacts

@@ -177,11 +177,18 @@ def test_without_a_val_split_a_seeded_fifth_of_rows_is_fitted(tmp_path):
                                                        for f in (0.995, 1.005))
 
 
-def test_spilled_fit_rows_give_the_same_temperature(tmp_path):
+def test_spilled_rows_and_a_second_read_give_the_same_results(tmp_path, monkeypatch):
   labels, logits = random_case(n=400, k=6, seed=3)
-  path = write(tmp_path / "p.parquet", labels, logits)
-  assert calibration.analyse(path, store_budget_bytes=256)["temperature"] == pytest.approx(
-      calibration.analyse(path)["temperature"], rel=1e-9)
+  path = write(tmp_path / "p.parquet", labels, logits, row_group_size=50)
+  monkeypatch.setattr(calibration, "CHUNK_FLOATS", 6 * 64)
+  in_memory = calibration.analyse(path)
+  # Fit rows beyond 100 rows go to a temporary file; held-out rows (over 100 rows) are read from the file again.
+  spilled = calibration.analyse(path, store_budget_bytes=6 * 4 * 100)
+  for other in (spilled,):
+    assert other["temperature"] == pytest.approx(in_memory["temperature"], rel=1e-9)
+    assert other["ece_temperature_scaled"] == pytest.approx(in_memory["ece_temperature_scaled"], rel=1e-9)
+    assert other["temperature_fit"]["held_out_after"]["nll"] == pytest.approx(
+        in_memory["temperature_fit"]["held_out_after"]["nll"], rel=1e-9)
 
 
 def test_rank_metrics_hand_computed():
