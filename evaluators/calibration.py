@@ -760,9 +760,11 @@ def calibrate(predictions_path: str, output_dir: str, log=print) -> dict:
     _write_text(os.path.join(local_dir, "calibration.json"), json.dumps(result, indent=1, sort_keys=True,
                                                                          allow_nan=False))
     _write_text(os.path.join(local_dir, "calibration.html"), html_fragment(result, pngs))
-    write_lineage(local_dir, "calibrate", {"num_bins": NUM_BINS, "num_equal_mass_bins": NUM_EQUAL_MASS_BINS,
-                                           "bootstrap_replicates": BOOTSTRAP_REPLICATES, "seed": SEED},
-                  {} if remote_input else {"predictions": predictions_path}, fingerprints)
+    config = {"num_bins": NUM_BINS, "num_equal_mass_bins": NUM_EQUAL_MASS_BINS, "seed": SEED,
+              "bootstrap_replicates": BOOTSTRAP_REPLICATES, "predictions": predictions_path}
+    # A remote input is named, not fingerprinted (hashing it would download it a second time).
+    write_lineage(local_dir, "calibrate", config, {} if remote_input else {"predictions": predictions_path},
+                  fingerprints)
     if remote:
       from pyarrow import fs
       filesystem, inner = fs.FileSystem.from_uri(output_dir)
