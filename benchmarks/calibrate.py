@@ -79,7 +79,7 @@ def timed(argv: list[str]) -> dict:
   if process.returncode:
     raise SystemExit(f"{' '.join(argv)} failed ({process.returncode}):\n{err[-2000:]}")
   return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
-          "stdout": out}
+          "stdout": out, "stderr": err}
 
 
 def main(argv=None) -> int:
@@ -119,7 +119,9 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "calibration.json"), encoding="utf-8") as f:
       result = json.load(f)
   rows.append(("patchflow calibrate (every metric, figures, HTML, lineage)", run, result["ece"]))
+  phases = [line for line in run["stderr"].splitlines() if line.startswith("calibrate: ")]
   load = os.getloadavg()[0]
+  print("phases of the patchflow calibrate run (wall):\n  " + "\n  ".join(phases))
   print(f"{'contender':62s} {'seconds':>8s} {'x floor':>8s} {'CPU s':>7s} {'x floor':>8s} {'peak RSS MB':>12s} "
         f"{'ECE':>10s}")
   for name, r, ece in rows:

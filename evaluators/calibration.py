@@ -48,6 +48,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +69,7 @@ NEWTON_TOLERANCE = 1e-4
 SELECTIVE_POINTS = 20
 CHUNK_FLOATS = 1 << 23          # about 32 MB of float32 scores per chunk
 READ_BUFFER_BYTES = 1 << 20
+READ_THREADS = 2
 STORE_BUDGET_BYTES = 1 << 29    # fit rows kept in memory up to this, then spilled to a temporary file
 _TINY = float(np.finfo(np.float32).tiny)
 SCORE_COLUMNS = ("logits", "probs")
@@ -156,51 +158,55 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
   return encoded.indices.to_numpy().astype(np.int32), [str(v) for v in encoded.dictionary.to_pylist()]
 
 
-def _prefetch(items, depth: int = 2):
-  """Yields `items` produced by a background thread: Parquet decoding (which releases the GIL) overlaps the
-  numpy work on the previous chunk."""
-  out, stop, done = queue.Queue(depth), threading.Event(), object()
+def _chunks(source: Source, columns: list[str], readers: int = READ_THREADS, depth: int = 2):
+  """(first row number, record batch) over the file in order, about CHUNK_FLOATS scores at a time.
 
-  def produce():
+  `readers` threads decode row groups g, g + readers, ... with their own file handles (Parquet decoding
+  releases the GIL), each at most `depth` batches ahead: decoding overlaps the numpy work on earlier chunks
+  and memory stays bounded by readers x depth batches."""
+  rows = max(1, CHUNK_FLOATS // max(source.num_classes, 1))
+  groups = source.file.metadata.num_row_groups
+  readers = max(1, min(readers, groups))
+  queues = [queue.Queue(depth) for _ in range(readers)]
+  stop, end_of_group = threading.Event(), object()
+
+  def put(q, item) -> bool:
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def read(worker: int):
+    q = queues[worker]
     try:
-      for item in items:
-        while not stop.is_set():
-          try:
-            out.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            pass
-        if stop.is_set():
+      file = source.file if worker == 0 else _open_file(source.path)
+      for g in range(worker, groups, readers):
+        for batch in file.iter_batches(batch_size=rows, row_groups=[g], columns=columns, use_threads=False):
+          if not put(q, batch):
+            return
+        if not put(q, end_of_group):
           return
-      out.put(done)
+    except (pa.ArrowException, OSError) as e:
+      put(q, ContractError(f"{source.path}: cannot read row group {g} ({str(e).splitlines()[0]})"))
     except BaseException as e:  # handed to the consumer, which raises it
-      out.put(e)
+      put(q, e)
 
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
+  threads = [threading.Thread(target=read, args=(w,), daemon=True) for w in range(readers)]
+  for thread in threads:
+    thread.start()
   try:
-    while (item := out.get()) is not done:
-      if isinstance(item, BaseException):
-        raise item
-      yield item
+    row0 = 0
+    for g in range(groups):
+      while (item := queues[g % readers].get()) is not end_of_group:
+        if isinstance(item, BaseException):
+          raise item
+        yield row0, item
+        row0 += item.num_rows
   finally:
     stop.set()
-
-
-def _chunks(source: Source, columns: list[str]):
-  """(first row number, record batch) over the file, about CHUNK_FLOATS scores at a time."""
-  rows = max(1, CHUNK_FLOATS // max(source.num_classes, 1))
-
-  def read():
-    row0 = 0
-    try:
-      for batch in source.file.iter_batches(batch_size=rows, columns=columns, use_threads=False):
-        yield row0, batch
-        row0 += batch.num_rows
-    except (pa.ArrowException, OSError) as e:
-      raise ContractError(f"{source.path}: cannot read the rows after row {row0} "
-                          f"({str(e).splitlines()[0]})") from None
-  return _prefetch(read())
 
 
 def _example_id(source: Source, row: int) -> str:
@@ -597,6 +603,7 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
   """Every metric of calibration.json for a predictions file (two streaming passes; see the module doc)."""
   source = open_predictions(path)
   n, k = source.num_rows, source.num_classes
+  clock = time.perf_counter()
   fit, fit_how = fit_rows(source)
   # Groups: 0 = all rows, then one per split value, one per shift value, and the held-out rows.
   names, kinds = ["all"], [np.zeros(n, np.int32)]
@@ -631,13 +638,17 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
         store.append(shifted_log_scores(source, x[chosen], stats.top[chosen], scratch))
       if held_scores is not None and chosen.size < len(x):
         held_scores.append(x[held[rows]] if chosen.size else x)
-    log(f"calibrate: pass 1 done ({n} rows, {k} classes)")
+    log(f"calibrate: pass 1 (decode, single-pass metrics, rows kept for the temperature): "
+        f"{time.perf_counter() - clock:.1f} s for {n} rows x {k} classes")
+    clock = time.perf_counter()
     result = {"num_examples": n, "num_classes": k, "score_column": source.score}
     overall = acc.group_metrics(0)
     result.update({key: overall[key] for key in ("accuracy", "nll", "brier", "ece")})
     result["ece_equal_mass"] = metrics.equal_mass_calibration_error(confidence, correct)
     result.update({key: overall[key] for key in ("rms_ce", "classwise_ece")})
     temperature = _fit(store, gap_label[fit], k)
+    log(f"calibrate: temperature {temperature:.4g} fitted on {int(fit.sum())} rows: {time.perf_counter() - clock:.1f} s")
+    clock = time.perf_counter()
     result["temperature"] = temperature
     scaled = _held_out_scaled(source, held, held_scores, top, gap_label, correct, temperature) \
         if held.any() else None
@@ -649,6 +660,9 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
         "held_out_before": ({"ece": held["ece"], "nll": held["nll"], "reliability": held["reliability"]}
                             if scaled else None),
         "held_out_after": scaled["after"] if scaled else None}
+    log(f"calibrate: held-out rows at T ({'kept in memory' if held_scores is not None else 'decoded again'}): "
+        f"{time.perf_counter() - clock:.1f} s")
+    clock = time.perf_counter()
     result["bootstrap"] = bootstrap_intervals(confidence, correct)
     result["reliability"] = overall["reliability"]
     for kind in source.groups:
@@ -663,6 +677,8 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
       result["ood"] = ood_metrics(confidence, source.ood)
     result["selective_prediction"] = selective_prediction(confidence, correct)
     result["calibration_auc"] = auroc(confidence, correct)
+    log(f"calibrate: equal-mass ECE, bootstrap, breakdowns, OOD, selective prediction: "
+        f"{time.perf_counter() - clock:.1f} s")
     return result
   finally:
     store.close()
@@ -747,11 +763,14 @@ def calibrate(predictions_path: str, output_dir: str, log=print) -> dict:
         background.submit(fingerprint_path, predictions_path)
     background.submit(__import__, "evaluators.plots")
     result = json_safe(analyse(predictions_path, log=log))
+    clock = time.perf_counter()
     fingerprints = {"predictions": fingerprint.result()} if fingerprint else {}
+    log(f"calibrate: waited {time.perf_counter() - clock:.1f} s for the input's sha256 (lineage)")
   remote = "://" in output_dir
   local_dir = tempfile.mkdtemp(prefix="patchflow-calibration-") if remote else output_dir
   try:
     os.makedirs(local_dir, exist_ok=True)
+    clock = time.perf_counter()
     pngs = figures(result)
     for name, png in pngs.items():
       with open(os.path.join(local_dir, name + ".tmp"), "wb") as f:
@@ -760,6 +779,7 @@ def calibrate(predictions_path: str, output_dir: str, log=print) -> dict:
     _write_text(os.path.join(local_dir, "calibration.json"), json.dumps(result, indent=1, sort_keys=True,
                                                                          allow_nan=False))
     _write_text(os.path.join(local_dir, "calibration.html"), html_fragment(result, pngs))
+    log(f"calibrate: figures, HTML and JSON: {time.perf_counter() - clock:.1f} s")
     config = {"num_bins": NUM_BINS, "num_equal_mass_bins": NUM_EQUAL_MASS_BINS, "seed": SEED,
               "bootstrap_replicates": BOOTSTRAP_REPLICATES, "predictions": predictions_path}
     # A remote input is named, not fingerprinted (hashing it would download it a second time).
