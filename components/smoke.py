@@ -1,4 +1,5 @@
-"""The steps of the smoke DAG: synthetic data -> shards -> checkpoint -> predictions/metrics -> report.
+"""The steps of the smoke DAG: synthetic data -> shards -> checkpoint -> predictions/metrics -> report
+(the calibrate step between evaluate and report is in components/calibration.py).
 
 Each body: parse inputs, call one library function (through the local step cache), write outputs.
 """
@@ -71,13 +72,14 @@ def evaluate(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Outpu
 
 
 @component
-def report(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Input[Dataset], report: Output[HTML]):
+def report(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Input[Dataset],
+           calibration: Input[Dataset], report: Output[HTML]):
   from components.cache import run_cached
 
   def work():
     from evaluators.report import render_report
-    return render_report(shards.path, checkpoint.path, evaluation.path, report.path)
+    return render_report(shards.path, checkpoint.path, evaluation.path, report.path, calibration.path)
   summary = run_cached("report", ("evaluators", "schemas"), {},
-                       {"shards": shards.path, "checkpoint": checkpoint.path, "evaluation": evaluation.path},
-                       {"report": report.path}, work)
+                       {"shards": shards.path, "checkpoint": checkpoint.path, "evaluation": evaluation.path,
+                        "calibration": calibration.path}, {"report": report.path}, work)
   report.metadata.update(summary)

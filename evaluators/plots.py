@@ -17,12 +17,11 @@ def _png(fig) -> bytes:
   return buffer.getvalue()
 
 
-def reliability_diagram(reliability: dict, title: str) -> bytes:
+def _draw_reliability(ax, reliability: dict, title: str) -> None:
   edges = np.asarray(reliability["edges"])
   accuracy = np.asarray(reliability["accuracy"], dtype=float)
   confidence = np.asarray(reliability["confidence"], dtype=float)
   centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
-  fig, ax = plt.subplots(figsize=(4, 4))
   filled = ~np.isnan(accuracy)
   ax.bar(centers[filled], accuracy[filled], width=width, edgecolor="black", color="#4c72b0", label="accuracy")
   ax.bar(centers[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=width,
@@ -30,6 +29,50 @@ def reliability_diagram(reliability: dict, title: str) -> bytes:
   ax.plot([0, 1], [0, 1], "k--", linewidth=1)
   ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
   ax.legend(loc="upper left", fontsize=8)
+
+
+def reliability_diagram(reliability: dict, title: str) -> bytes:
+  fig, ax = plt.subplots(figsize=(4, 4))
+  _draw_reliability(ax, reliability, title)
+  return _png(fig)
+
+
+def reliability_pair(left: dict, right: dict, left_title: str, right_title: str) -> bytes:
+  """Two reliability diagrams side by side (e.g. before and after temperature scaling)."""
+  fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+  _draw_reliability(axes[0], left, left_title)
+  _draw_reliability(axes[1], right, right_title)
+  return _png(fig)
+
+
+def selective_prediction(curve: dict, title: str = "Selective prediction") -> bytes:
+  fig, ax = plt.subplots(figsize=(4, 3))
+  ax.plot(curve["coverage"], curve["accuracy"], marker="o", markersize=3)
+  ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="coverage (most confident first)", ylabel="accuracy",
+         title=f"{title} (area {curve['area_under_curve']:.3f})")
+  ax.grid(alpha=0.3)
+  return _png(fig)
+
+
+def ece_vs_accuracy(points: list[dict], title: str = "ECE vs accuracy") -> bytes:
+  """Minderer et al. style scatter: one marker per (model, evaluation set); `points` hold name, shift,
+  accuracy, ece. Points of one model are joined from in-distribution to the strongest shift."""
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  shifts = sorted({p["shift"] for p in points}, key=lambda s: (s != "none", s))
+  markers = dict(zip(shifts, "os^Dvp*hX"))
+  names = list(dict.fromkeys(p["name"] for p in points))
+  colors = plt.get_cmap("tab10")
+  for i, name in enumerate(names):
+    mine = sorted((p for p in points if p["name"] == name), key=lambda p: shifts.index(p["shift"]))
+    ax.plot([p["accuracy"] for p in mine], [p["ece"] for p in mine], color=colors(i % 10), alpha=0.4, linewidth=1)
+    for p in mine:
+      ax.scatter(p["accuracy"], p["ece"], color=colors(i % 10), marker=markers.get(p["shift"], "o"), s=30,
+                 label=name if p is mine[0] else None)
+  for shift in shifts:
+    ax.scatter([], [], color="grey", marker=markers.get(shift, "o"), label=f"shift: {shift}")
+  ax.set(xlabel="accuracy", ylabel="ECE (15 bins)", title=title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
   return _png(fig)
 
 

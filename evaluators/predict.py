@@ -19,17 +19,28 @@ def shift_of(split: str) -> str:
   return split[len(SHIFT_PREFIX):] if split.startswith(SHIFT_PREFIX) else "none"
 
 
-def predict_split(model, shard_dir: str, split: str, info: dict, batch_size: int = 32) -> dict:
-  from trainers.input_pipeline import load_split
-  data = load_split(shard_dir, split, info, fields=("patches", "patch_yx", "segment_ids", "labels",
-                                                      "example_ids", "image_grid"))
-  logits = np.concatenate([
+PREDICT_FIELDS = ("patches", "patch_yx", "segment_ids", "labels", "example_ids", "image_grid")
+
+
+def slot_logits(model, data: dict, batch_size: int = 32) -> np.ndarray:
+  """Logits [sequences, max_images, classes] of a loaded split, batch by batch."""
+  return np.concatenate([
       np.asarray(model(data["patches"][s:s + batch_size], data["patch_yx"][s:s + batch_size],
                        data["segment_ids"][s:s + batch_size]))
       for s in range(0, len(data["labels"]), batch_size)])
+
+
+def slot_rows(data: dict, scores: np.ndarray, info: dict) -> dict:
+  """One row per filled image slot: example_id, label, scores [C], resolution."""
   filled = data["labels"] >= 0
   return {"example_id": [i.decode() for i in data["example_ids"][filled]], "label": data["labels"][filled],
-          "logits": logits[filled], "resolution": data["image_grid"][filled].max(axis=-1) * info["patch_size"]}
+          "logits": scores[filled], "resolution": data["image_grid"][filled].max(axis=-1) * info["patch_size"]}
+
+
+def predict_split(model, shard_dir: str, split: str, info: dict, batch_size: int = 32) -> dict:
+  from trainers.input_pipeline import load_split
+  data = load_split(shard_dir, split, info, fields=PREDICT_FIELDS)
+  return slot_rows(data, slot_logits(model, data, batch_size), info)
 
 
 def predict_and_evaluate(shard_dir: str, train_workdir: str, output_dir: str, log=print) -> dict:

@@ -31,8 +31,10 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def render_report(shard_dir: str, train_workdir: str, eval_dir: str, output_path: str) -> dict:
-  """Writes the report; returns the summary it states (validation accuracy, chance, ratio)."""
+def render_report(shard_dir: str, train_workdir: str, eval_dir: str, output_path: str,
+                  calibration_dir: str | None = None) -> dict:
+  """Writes the report; returns the summary it states (validation accuracy, chance, ratio). With
+  calibration_dir (the output of `patchflow calibrate`), its calibration.html is embedded."""
   info = _read_json(os.path.join(shard_dir, "dataset_info.json"))
   final = _read_json(os.path.join(train_workdir, "final.json"))
   metrics = _read_json(os.path.join(eval_dir, "metrics.json"))
@@ -76,8 +78,13 @@ def render_report(shard_dir: str, train_workdir: str, eval_dir: str, output_path
                                                 f"{split} (ECE {per_split[split]['ece']:.3f})"),
                       f"reliability diagram {split}"))
 
+  if calibration_dir:
+    with open(os.path.join(calibration_dir, "calibration.html"), encoding="utf-8") as f:
+      parts.append("<h2>Calibration</h2>" + f.read())
+
   parts.append("<h2>Lineage</h2>")
-  for name, directory in (("shards", shard_dir), ("checkpoint", train_workdir), ("evaluation", eval_dir)):
+  sources = [("shards", shard_dir), ("checkpoint", train_workdir), ("evaluation", eval_dir)]
+  for name, directory in sources + ([("calibration", calibration_dir)] if calibration_dir else []):
     path = os.path.join(directory, LINEAGE_FILENAME)
     if os.path.exists(path):
       parts.append(f"<h3>{name}</h3><pre>{html.escape(json.dumps(_read_json(path), indent=1, sort_keys=True))}</pre>")

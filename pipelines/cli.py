@@ -4,6 +4,7 @@
   patchflow run smoke [--set steps=200 ...]       # the whole DAG locally (kfp.local + in-process Beam + JAX CPU)
   patchflow shards build --manifest M --output DIR [--seq-len 256 ...] [--workers 2] [-- <Beam pipeline options>]
   patchflow train --data SHARDS --workdir DIR [--config smoke] [--set train.steps=100 ...]
+  patchflow calibrate --predictions PATH.parquet --output DIR   # calibration.json, reliability plots, HTML
 """
 
 import argparse
@@ -115,6 +116,13 @@ def _train(args) -> int:
   return train_main(argv)
 
 
+def _calibrate(args) -> int:
+  from evaluators.calibration import calibrate
+  calibrate(args.predictions, args.output, log=lambda m: print(m, file=sys.stderr, flush=True))
+  print(f"wrote {args.output}/calibration.json, calibration.html and reliability plots")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="patchflow", description="Multimodal pipelines: data -> checkpoint -> report.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", default="smoke")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   p.set_defaults(func=_train)
+  p = sub.add_parser("calibrate", help="calibration and uncertainty metrics of a predictions table")
+  p.add_argument("--predictions", required=True, help="predictions Parquet file (local path or gs://...)")
+  p.add_argument("--output", required=True, help="directory for calibration.json, plots and calibration.html")
+  p.set_defaults(func=_calibrate)
   return parser
 
 

@@ -7,6 +7,7 @@ log to show progress and cut out the failing step's log.
 """
 
 import datetime
+import glob
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from pipelines import history, registry
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_PROGRESS_PREFIXES = ("build_shards:", "train:", "evaluate:", "cache:")
+_PROGRESS_PREFIXES = ("build_shards:", "train:", "evaluate:", "calibrate:", "study:", "cache:")
 _UNCHECKED_ARTIFACTS = {"system.Metrics", "system.ClassificationMetrics", "system.SlicedClassificationMetrics"}
 
 
@@ -35,13 +36,30 @@ def new_run_id(pipeline: str) -> str:
 
 
 def dag_tasks(pipeline) -> dict[str, list[str]]:
-  """Task name -> names of the output artifacts it must write (metrics artifacts excepted)."""
+  """Task -> names of the output artifacts it must write (metrics artifacts excepted). A task inside a
+  dsl.ParallelFor is named by its directories' pattern, `<loop>-iteration-*/<task>`: kfp.local runs
+  iteration i of loop task `for-loop-2` under `for-loop-2-iteration-<i>/`."""
   spec = pipeline.pipeline_spec
   out = {}
-  for name, task in spec.root.dag.tasks.items():
-    artifacts = spec.components[task.component_ref.name].output_definitions.artifacts
-    out[name] = sorted(a for a, d in artifacts.items() if d.artifact_type.schema_title not in _UNCHECKED_ARTIFACTS)
+
+  def walk(dag, prefix):
+    for name, task in dag.tasks.items():
+      component = spec.components[task.component_ref.name]
+      if component.WhichOneof("implementation") == "dag":
+        walk(component.dag, f"{prefix}{name}-iteration-*/" if task.WhichOneof("iterator") else prefix)
+        continue
+      artifacts = component.output_definitions.artifacts
+      out[prefix + name] = sorted(a for a, d in artifacts.items()
+                                  if d.artifact_type.schema_title not in _UNCHECKED_ARTIFACTS)
+  walk(spec.root.dag, "")
   return out
+
+
+def report_source(pipeline) -> tuple[str, str]:
+  """(task, artifact name) of the pipeline's output, the report."""
+  outputs = pipeline.pipeline_spec.root.dag.outputs.artifacts
+  selector = next(iter(outputs.values())).artifact_selectors[0]
+  return selector.producer_subtask, selector.output_artifact_key
 
 
 def _write_json(path: str, value) -> None:
@@ -51,24 +69,31 @@ def _write_json(path: str, value) -> None:
 
 
 def check_outputs(execution_root: str | None, tasks: dict[str, list[str]], statuses: dict[str, str]) -> dict:
-  """Per task: SUCCEEDED only if kfp said so, its executor output exists and every artifact is non-empty."""
+  """Per task: SUCCEEDED only if kfp said so, its executor output exists and every artifact is non-empty
+  (for a task in a ParallelFor: in every iteration's directory). `statuses` are keyed by the names kfp.local
+  logs, the last part of a task's pattern."""
   verdicts = {}
   for task, artifacts in tasks.items():
-    if task not in statuses:
+    name = task.rsplit("/", 1)[-1]
+    if name not in statuses:
       verdicts[task] = ("NOT_RUN", "never started")
       continue
-    if statuses[task] != "SUCCESS":
-      verdicts[task] = ("FAILED", f"kfp.local status {statuses[task]}")
+    if statuses[name] != "SUCCESS":
+      verdicts[task] = ("FAILED", f"kfp.local status {statuses[name]}")
       continue
-    task_dir = os.path.join(execution_root or "", task)
-    missing = [a for a in artifacts if not _non_empty(os.path.join(task_dir, a))]
-    if not os.path.exists(os.path.join(task_dir, "executor_output.json")):
-      verdicts[task] = ("FAILED", "no executor_output.json although kfp.local reported SUCCESS")
-    elif missing:
-      verdicts[task] = ("FAILED", f"output artifact {missing[0]!r} missing or empty although kfp.local "
-                                  "reported SUCCESS")
-    else:
-      verdicts[task] = ("SUCCEEDED", "")
+    pattern = os.path.join(execution_root or "", task)
+    task_dirs = sorted(glob.glob(pattern)) if "*" in task else [pattern]
+    verdicts[task] = ("FAILED", "no iteration directory") if not task_dirs else ("SUCCEEDED", "")
+    for task_dir in task_dirs:
+      missing = [a for a in artifacts if not _non_empty(os.path.join(task_dir, a))]
+      if not os.path.exists(os.path.join(task_dir, "executor_output.json")):
+        verdicts[task] = ("FAILED", "no executor_output.json although kfp.local reported SUCCESS")
+      elif missing:
+        verdicts[task] = ("FAILED", f"output artifact {missing[0]!r} missing or empty although kfp.local "
+                                    "reported SUCCESS")
+      else:
+        continue
+      break
   return verdicts
 
 
@@ -149,9 +174,12 @@ def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callabl
           echo(f"  [{time.time() - start:6.1f}s] {m.group(1)}: running")
         elif (m := _FINISHED.search(text)):
           task, status = m.group(1), m.group(2)
-          statuses[task] = status
+          if statuses.get(task, "SUCCESS") == "SUCCESS":  # a task run once per loop iteration: failures stick
+            statuses[task] = status
           seconds = time.time() - step_start.get(task, start)
-          record["steps"][task] = {"status": status, "seconds": round(seconds, 2)}
+          previous = record["steps"].get(task, {})  # loop tasks run once per iteration
+          record["steps"][task] = {"status": statuses[task], "seconds": round(previous.get("seconds", 0) + seconds, 2),
+                                   "runs": previous.get("runs", 0) + 1}
           history.save_run(home, record)
           echo(f"  [{time.time() - start:6.1f}s] {task}: {status} in {seconds:.1f}s")
         elif text.strip().startswith(_PROGRESS_PREFIXES):
@@ -161,11 +189,12 @@ def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callabl
   execution_root = os.path.join(run_dir, "root", executions[-1]) if executions else None
   verdicts = check_outputs(execution_root, dag_tasks(pipeline), statuses)
   for task, (verdict, why) in verdicts.items():
-    record["steps"].setdefault(task, {})["verdict"] = verdict
+    step = record["steps"].setdefault(task.rsplit("/", 1)[-1], {})
+    step["verdict"] = verdict
     if why:
-      record["steps"][task]["why"] = why
-  failed = [t for t, (v, _) in verdicts.items() if v == "FAILED"]
-  not_run = [t for t, (v, _) in verdicts.items() if v == "NOT_RUN"]
+      step["why"] = why
+  failed = [t.rsplit("/", 1)[-1] for t, (v, _) in verdicts.items() if v == "FAILED"]
+  not_run = [t.rsplit("/", 1)[-1] for t, (v, _) in verdicts.items() if v == "NOT_RUN"]
   record["duration_seconds"] = round(time.time() - start, 2)
   record["finished"] = time.time()
   record["execution_root"] = execution_root
@@ -173,7 +202,7 @@ def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callabl
     record["status"] = "FAILED"
     record["failed_step"] = failed[0] if failed else (not_run[0] if not_run else None)
   else:
-    report_src = os.path.join(execution_root, "report", "report")
+    report_src = os.path.join(execution_root, *report_source(pipeline))
     record["report"] = os.path.join(run_dir, "report.html")
     shutil.copyfile(report_src, record["report"])
     record["status"] = "SUCCEEDED"

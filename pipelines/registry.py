@@ -1,6 +1,7 @@
 """Pipeline registry: name -> KFP pipeline function. A small dict, not a plugin system."""
 
 import inspect
+import json
 
 from schemas.errors import ContractError
 
@@ -10,7 +11,14 @@ def _smoke(target):
   return build(target)
 
 
-_PIPELINES = {"smoke": _smoke}
+def _calibration_study(target):
+  if target is not None:
+    raise ContractError("calibration_study has no runtime targets yet; compile it without --target")
+  from pipelines.calibration_study import calibration_study
+  return calibration_study
+
+
+_PIPELINES = {"smoke": _smoke, "calibration_study": _calibration_study}
 
 
 def names() -> list[str]:
@@ -53,6 +61,11 @@ def coerce(key: str, kind: type, raw) -> object:
     if raw.lower() not in ("true", "false", "1", "0"):
       raise ContractError(f"parameter {key!r}: expected bool, got {raw!r}")
     return raw.lower() in ("true", "1")
+  elif kind in (list, dict):
+    try:
+      value = json.loads(raw)
+    except json.JSONDecodeError:
+      raise ContractError(f"parameter {key!r}: expected a JSON {kind.__name__}, got {raw!r}") from None
   else:
     try:
       value = kind(raw)

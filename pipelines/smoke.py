@@ -2,6 +2,7 @@
 
 from kfp import dsl
 
+from components import calibration as calibration_steps
 from components import smoke as step
 from pipelines.targets import configure_task
 
@@ -25,8 +26,10 @@ def build(target: dict | None = None):
                                learning_rate=learning_rate, width=width, depth=depth), "train")
     evaluation = on(step.evaluate(shards=shards.outputs["shards"], checkpoint=checkpoint.outputs["checkpoint"]),
                     "evaluate")
+    calibration = on(calibration_steps.calibrate(evaluation=evaluation.outputs["evaluation"]), "calibrate")
     report = on(step.report(shards=shards.outputs["shards"], checkpoint=checkpoint.outputs["checkpoint"],
-                            evaluation=evaluation.outputs["evaluation"]), "report")
+                            evaluation=evaluation.outputs["evaluation"],
+                            calibration=calibration.outputs["calibration"]), "report")
     return report.outputs["report"]
 
   return smoke

@@ -44,10 +44,15 @@ def fingerprint_path(path: str) -> str:
   return digest.hexdigest()
 
 
-def write_lineage(artifact_dir: str, step: str, config: dict[str, Any], inputs: dict[str, str]) -> dict:
+def write_lineage(artifact_dir: str, step: str, config: dict[str, Any], inputs: dict[str, str],
+                  fingerprints: dict[str, str] | None = None) -> dict:
+  """`fingerprints` may hold precomputed fingerprint_path() values by input name (e.g. hashed while the
+  step was reading the input)."""
   from schemas.packed import SCHEMA_VERSION
+  known = fingerprints or {}
   record = {"step": step, "git_revision": git_revision(), "schema_version": SCHEMA_VERSION, "config": config,
-            "inputs": {name: {"path": path, "fingerprint": fingerprint_path(path)} for name, path in inputs.items()}}
+            "inputs": {name: {"path": path, "fingerprint": known.get(name) or fingerprint_path(path)}
+                       for name, path in inputs.items()}}
   os.makedirs(artifact_dir, exist_ok=True)
   with open(os.path.join(artifact_dir, LINEAGE_FILENAME), "w", encoding="utf-8") as f:
     json.dump(record, f, indent=1, sort_keys=True)

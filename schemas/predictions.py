@@ -15,19 +15,24 @@ SCHEMA = pa.schema([
 ])
 
 
-def predictions_table(example_ids, labels, logits, split=None, shift=None, resolution=None) -> pa.Table:
+def predictions_table(example_ids, labels, logits, split=None, shift=None, resolution=None,
+                      score_column: str = "logits") -> pa.Table:
+  """`logits` are written to `score_column`: "logits", or "probs" for probabilities (e.g. averaged over
+  MC-dropout samples or ensemble members, which have no single logit vector)."""
   logits = np.asarray(logits, dtype=np.float32)
   n = len(example_ids)
   columns = {
       "example_id": pa.array(list(example_ids), pa.string()),
       "label": pa.array(np.asarray(labels, dtype=np.int32)),
-      "logits": pa.array(list(logits), pa.list_(pa.float32())),
+      score_column: pa.array(list(logits), pa.list_(pa.float32())),
       "split": pa.array(list(split) if split is not None else [None] * n, pa.string()),
       "shift": pa.array(list(shift) if shift is not None else [None] * n, pa.string()),
       "resolution": pa.array(np.asarray(resolution, np.int32) if resolution is not None else [None] * n,
                              pa.int32()),
   }
-  table = pa.table(columns, schema=SCHEMA)
+  schema = SCHEMA if score_column == "logits" else SCHEMA.set(2, pa.field(score_column, pa.list_(pa.float32()),
+                                                                                nullable=False))
+  table = pa.table(columns, schema=schema)
   validate_predictions(table)
   return table
 

@@ -2,6 +2,7 @@ import json
 
 import pyarrow.parquet as pq
 
+from evaluators.calibration import calibrate
 from evaluators.predict import predict_and_evaluate, shift_of
 from evaluators.report import render_report
 from schemas.predictions import SCHEMA
@@ -25,6 +26,14 @@ def test_predictions_metrics_and_report(shard_dir, tmp_path):
   html = (tmp_path / "r.html").read_text()
   assert f"Validation accuracy {summary['val_accuracy']:.3f}" in html
   assert html.count("data:image/png;base64,") >= 4 and "git_revision" in html
+  assert "<h2>Calibration</h2>" not in html  # only with a calibration directory
+  result = calibrate(str(tmp_path / "e" / "predictions.parquet"), str(tmp_path / "c"), log=lambda m: None)
+  assert set(result["splits"]) == {"val", "test", "test-noise2"} and set(result["shifts"]) == {"none", "noise2"}
+  assert result["temperature_fit"]["fit_rows"] == "split == 'val'"
+  render_report(str(shard_dir), str(tmp_path / "w"), str(tmp_path / "e"), str(tmp_path / "r2.html"),
+                str(tmp_path / "c"))
+  html = (tmp_path / "r2.html").read_text()
+  assert "<h2>Calibration</h2>" in html and html.count("&quot;step&quot;: &quot;calibrate&quot;") == 1
 
 
 def test_shift_names():

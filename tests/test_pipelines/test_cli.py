@@ -9,8 +9,9 @@ import yaml
 from pipelines import registry
 from pipelines.cli import main
 from pipelines.local_run import check_outputs, dag_tasks, last_error_line
+from schemas.errors import ContractError
 
-SMOKE_TASKS = {"make-synthetic-data", "build-shards", "train", "evaluate", "report"}
+SMOKE_TASKS = {"make-synthetic-data", "build-shards", "train", "evaluate", "calibrate", "report"}
 
 
 def test_compile_writes_kfp_ir_with_every_step(tmp_path, capsys):
@@ -25,7 +26,7 @@ def test_compile_writes_kfp_ir_with_every_step(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "nope"], "unknown pipeline 'nope' (known: smoke)"),
+    (["run", "nope"], "unknown pipeline 'nope' (known: calibration_study, smoke)"),
     (["run", "smoke", "--set", "steps=ten"], "parameter 'steps': expected int, got 'ten'"),
     (["run", "smoke", "--set", "learning_rate=fast"], "parameter 'learning_rate': expected float"),
     (["run", "smoke", "--set", "stepz=3"], "unknown parameter 'stepz' for pipeline 'smoke'"),
@@ -92,3 +93,41 @@ def test_unknown_target_is_one_clear_line(capsys):
   assert main(["compile", "smoke", "--target", "tpu-pod", "--output", "x.yaml"]) == 2
   assert capsys.readouterr().err.strip() == (
       "patchflow: error: unknown target 'tpu-pod' (known: local, vertex-cpu, vertex-gpu, vertex-tpu, kfp)")
+
+
+def test_loop_tasks_are_checked_in_every_iteration(tmp_path):
+  tasks = dag_tasks(registry.get_pipeline("calibration_study"))
+  loop = [t for t in tasks if "-iteration-*/" in t]
+  assert sorted(t.rsplit("/", 1)[1] for t in loop) == ["evaluate-variant", "train-variant"]
+  root = tmp_path / "exec"
+  for task, artifacts in tasks.items():
+    for d in ([root / task.replace("*", str(i)) for i in range(3)] if "*" in task else [root / task]):
+      d.mkdir(parents=True)
+      (d / "executor_output.json").write_text("{}")
+      for a in artifacts:
+        (d / a).mkdir()
+        (d / a / "x").write_text("x")
+  statuses = {t.rsplit("/", 1)[-1]: "SUCCESS" for t in tasks}
+  assert {v for v, _ in check_outputs(str(root), tasks, statuses).values()} == {"SUCCEEDED"}
+  train = next(t for t in loop if t.endswith("train-variant"))
+  (root / train.replace("*", "2") / "executor_output.json").unlink()  # one iteration of three failed
+  assert check_outputs(str(root), tasks, statuses)[train][0] == "FAILED"
+
+
+def test_list_parameters_are_json():
+  study = registry.get_pipeline("calibration_study")
+  params = registry.parse_parameters(study, ['variants=[{"name": "S", "width": 8, "depth": 1, "method": "ensemble"}]'])
+  assert params["variants"][0]["method"] == "ensemble"
+  with pytest.raises(ContractError, match="parameter 'variants': expected a JSON list"):
+    registry.parse_parameters(study, ["variants=S,M"])
+  with pytest.raises(ContractError, match="parameter 'variants': expected list"):
+    registry.parse_parameters(study, ['variants={"a": 1}'])
+
+
+def test_study_compiles_with_a_parallel_for(tmp_path):
+  out = tmp_path / "study.yaml"
+  assert main(["compile", "calibration_study", "--output", str(out), "--set", "steps=5"]) == 0
+  spec = yaml.safe_load(out.read_text())
+  loops = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+  assert len(loops) == 1 and loops[0]["iteratorPolicy"]["parallelismLimit"] == 2
+  assert {"make-synthetic-data", "build-shards", "study-report"} <= set(spec["root"]["dag"]["tasks"])

@@ -41,10 +41,11 @@ def test_smoke_run_succeeds_and_writes_the_report(smoke_run):
   html = open(report, encoding="utf-8").read()
   assert "Validation accuracy" in html and "data:image/png;base64," in html
   record = json.load(open(home / run_id / "run.json"))
+  assert "<h2>Calibration</h2>" in html and "ECE (100 equal-mass bins)" in html and 'alt="selective prediction"' in html
   assert record["status"] == "SUCCEEDED" and record["params"]["steps"] == 12
   assert {s["verdict"] for s in record["steps"].values()} == {"SUCCEEDED"}
-  assert len(record["steps"]) == 5
-  for step in ("build-shards", "train", "evaluate", "report"):
+  assert len(record["steps"]) == 6
+  for step in ("build-shards", "train", "evaluate", "calibrate", "report"):
     assert f"{step}: SUCCESS" in result.stdout  # progress is shown as steps finish
 
 
@@ -58,7 +59,7 @@ def test_reruns_reuse_cached_steps_and_are_listed(smoke_run):
   again = _patchflow("rerun", run_id, home=home)
   assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
   assert re.fullmatch(r"run smoke-\S+ SUCCEEDED report=/\S+/report\.html", again.stdout.strip().splitlines()[-1])
-  for step in ("build_shards", "train", "evaluate", "report"):
+  for step in ("build_shards", "train", "evaluate", "calibrate", "report"):
     assert f"cache: {step} hit" in again.stdout
   # Change a training parameter: the data steps are reused, training and everything after it run again.
   changed = _patchflow("rerun", run_id, "--set", "steps=13", home=home)
@@ -113,7 +114,7 @@ def test_ui_rerun_button_in_headless_chromium(smoke_run, tmp_path):
       new_id = page.url.rsplit("/", 1)[1]
       assert new_id != run_id
       page.wait_for_function("document.getElementById('status').textContent == 'SUCCEEDED'", timeout=300_000)
-      assert "rerun of" in page.content() and page.locator(".step.SUCCEEDED").count() == 5
+      assert "rerun of" in page.content() and page.locator(".step.SUCCEEDED").count() == 6
       page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
       # "Rerun with changes" validates against the pipeline's signature.
       page.fill("input[name=steps]", "lots")

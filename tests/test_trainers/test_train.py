@@ -149,3 +149,31 @@ def test_moe_model_trains_with_either_router(shard_dir, router):
   model.eval()
   logits = model(batch["patches"], batch["patch_yx"], batch["segment_ids"], batch["image_grid"])
   assert np.isfinite(np.asarray(logits)).all()
+def test_label_smoothing_loss_hand_computed():
+  logits = jnp.array([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+  loss, _ = slot_loss_and_accuracy(logits, jnp.array([[0, -1]]), label_smoothing=0.3)
+  log_p = np.log(np.exp([2.0, 0.0, 0.0]) / np.exp([2.0, 0.0, 0.0]).sum())
+  assert float(loss) == pytest.approx(-(0.8 * log_p[0] + 0.1 * log_p[1] + 0.1 * log_p[2]), rel=1e-5)
+  plain, _ = slot_loss_and_accuracy(logits, jnp.array([[0, -1]]))
+  assert float(plain) == pytest.approx(-log_p[0], rel=1e-5)
+
+
+def test_dropout_is_off_in_eval_mode_and_leaves_the_initial_parameters_alone(shard_dir, tmp_path):
+  from trainers.checkpointing import params_sha256
+  info = read_dataset_info(str(shard_dir))
+  data = load_split(str(shard_dir), "val", info)
+  batch = [data[k][:2] for k in ("patches", "patch_yx", "segment_ids")]
+  with_dropout = build_model({**_config()["model"], "dropout": 0.5}, info, 0)
+  assert params_sha256(with_dropout) == params_sha256(build_model(_config()["model"], info, 0))
+  with_dropout.head.kernel[...] = jnp.asarray(
+      np.random.default_rng(0).normal(size=with_dropout.head.kernel[...].shape), jnp.float32)
+  with_dropout.eval()
+  np.testing.assert_array_equal(np.asarray(with_dropout(*batch)), np.asarray(with_dropout(*batch)))
+  with_dropout.train()
+  assert not np.allclose(np.asarray(with_dropout(*batch)), np.asarray(with_dropout(*batch)))
+  config = _config(**{"model.dropout": 0.2, "train.label_smoothing": 0.1, "train.steps": 3})
+  final = train(str(shard_dir), str(tmp_path / "w"), config, log=lambda m: None)
+  assert np.isfinite(final["loss"])
+  model, saved = load_trained_model(str(tmp_path / "w"))
+  assert saved["config"]["model"]["dropout"] == 0.2
+  np.testing.assert_array_equal(np.asarray(model(*batch)), np.asarray(model(*batch)))  # loaded in eval mode

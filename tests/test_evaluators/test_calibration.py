@@ -1,0 +1,372 @@
+"""evaluators/calibration.py against hand-computed cases and independent loop implementations written here."""
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from evaluators import calibration
+from pipelines.cli import main
+from schemas.errors import ContractError
+
+
+def write(path, labels, scores, column="logits", fixed=False, row_group_size=None, **extra):
+  scores = [np.asarray(s, np.float32) for s in scores]
+  kind = pa.list_(pa.float32(), len(scores[0])) if fixed else pa.list_(pa.float32())
+  columns = {"example_id": [f"ex-{i}" for i in range(len(labels))], "label": pa.array(labels, pa.int32()),
+             column: pa.array([s.tolist() for s in scores], kind)}
+  columns.update({k: pa.array(v) for k, v in extra.items()})
+  pq.write_table(pa.table(columns), str(path), row_group_size=row_group_size)
+  return str(path)
+
+
+def random_case(n=600, k=5, seed=0, scale=2.0):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, k, n)
+  logits = rng.normal(0, scale, (n, k)).astype(np.float32)
+  logits[np.arange(n), labels] += 1.0
+  return labels, logits
+
+
+# ------------------------------------------------------------ independent reference implementations (loops)
+
+def ref_softmax(logits):
+  out = []
+  for row in np.asarray(logits, np.float64).tolist():
+    top = max(row)
+    e = [math.exp(v - top) for v in row]
+    total = sum(e)
+    out.append([v / total for v in e])
+  return np.array(out)
+
+
+def ref_top_label(probs, labels):
+  conf, correct = [], []
+  for p, y in zip(probs, labels):
+    best = max(range(len(p)), key=lambda j: (p[j], -j))  # first index of the maximum
+    conf.append(p[best])
+    correct.append(1.0 if best == y else 0.0)
+  return conf, correct
+
+
+def ref_binned_error(conf, correct, bin_of, num_bins, power=1):
+  members = {}
+  for i, c in enumerate(conf):
+    members.setdefault(bin_of(c), []).append(i)
+  total = 0.0
+  for b, rows in members.items():
+    assert 0 <= b < num_bins
+    acc = sum(correct[i] for i in rows) / len(rows)
+    mean_conf = sum(conf[i] for i in rows) / len(rows)
+    total += len(rows) / len(conf) * abs(acc - mean_conf) ** power
+  return total ** (1 / power)
+
+
+def equal_width(c, num_bins=15):
+  for b in range(num_bins):
+    if b / num_bins <= c < (b + 1) / num_bins:
+      return b
+  assert c == 1.0
+  return num_bins - 1
+
+
+def ref_ece(probs, labels, power=1):
+  conf, correct = ref_top_label(probs, labels)
+  return ref_binned_error(conf, correct, equal_width, 15, power)
+
+
+def ref_equal_mass_ece(probs, labels, num_bins=100):
+  conf, correct = ref_top_label(probs, labels)
+  ordered, n = sorted(conf), len(conf)
+  uppers = [ordered[min(round(Fraction(i * n, num_bins)), n - 1)] for i in range(1, num_bins)]
+
+  def bin_of(c):  # [lo, hi): the number of upper edges at or below c
+    return min(sum(1 for u in uppers if u <= c), num_bins - 1)
+  return ref_binned_error(conf, correct, bin_of, num_bins)
+
+
+def ref_classwise_ece(probs, labels):
+  k = probs.shape[1]
+  per_class = [ref_binned_error(list(probs[:, j]), [1.0 if y == j else 0.0 for y in labels], equal_width, 15)
+               for j in range(k)]
+  return sum(per_class) / k
+
+
+def ref_nll(logits, labels, temperature=1.0):
+  probs = ref_softmax(np.asarray(logits, np.float64) / temperature)
+  return -sum(math.log(p[y]) for p, y in zip(probs, labels)) / len(labels)
+
+
+# ------------------------------------------------------------ the metrics
+
+def test_hand_computed_ece_from_probs(tmp_path):
+  # Row 1: confidence .8, correct; row 2: confidence .7, wrong. 0.5 * |1 - .8| + 0.5 * |0 - .7| = 0.45.
+  r = calibration.analyse(write(tmp_path / "p.parquet", [1, 1], [[.2, .8], [.7, .3]], column="probs"))
+  assert r["ece"] == pytest.approx(0.45, abs=1e-7)
+  assert r["accuracy"] == 0.5 and r["score_column"] == "probs"
+  assert r["nll"] == pytest.approx(-(math.log(.8) + math.log(.3)) / 2, rel=1e-6)
+  assert r["brier"] == pytest.approx(((.2 ** 2 + .2 ** 2) + (.7 ** 2 + .7 ** 2)) / 2, rel=1e-6)
+
+
+def test_every_binned_metric_matches_a_loop_implementation(tmp_path):
+  labels, logits = random_case()
+  r = calibration.analyse(write(tmp_path / "p.parquet", labels, logits))
+  probs = ref_softmax(logits)
+  conf, correct = ref_top_label(probs, labels)
+  assert r["accuracy"] == pytest.approx(np.mean(correct))
+  assert r["ece"] == pytest.approx(ref_ece(probs, labels), abs=1e-6)
+  assert r["rms_ce"] == pytest.approx(ref_ece(probs, labels, power=2), abs=1e-6)
+  assert r["ece_equal_mass"] == pytest.approx(ref_equal_mass_ece(probs, labels), abs=1e-6)
+  assert r["classwise_ece"] == pytest.approx(ref_classwise_ece(probs, labels), abs=1e-6)
+  assert r["nll"] == pytest.approx(ref_nll(logits, labels), rel=1e-6)
+  onehot = np.eye(5)[labels]
+  assert r["brier"] == pytest.approx(((probs - onehot) ** 2).sum(1).mean(), rel=1e-6)
+
+
+def test_equal_mass_edges_never_split_ties_and_round_half_to_even(tmp_path):
+  # 150 rows, 3 distinct confidences: edges fall inside runs of equal values, which stay in one bin.
+  probs = [[.9, .1]] * 50 + [[.6, .4]] * 70 + [[.55, .45]] * 30
+  labels = [0] * 40 + [1] * 10 + [0] * 35 + [1] * 35 + [0] * 20 + [1] * 10
+  r = calibration.analyse(write(tmp_path / "p.parquet", labels, probs, column="probs"))
+  assert r["ece_equal_mass"] == pytest.approx(ref_equal_mass_ece(np.array(probs), labels), abs=1e-7)
+  # Each run is one bin, so equal-mass ECE equals the 3-group ECE.
+  groups = (50 / 150 * abs(.8 - .9) + 70 / 150 * abs(.5 - .6) + 30 / 150 * abs(20 / 30 - .55))
+  assert r["ece_equal_mass"] == pytest.approx(groups, abs=1e-6)
+  from evaluators.metrics import equal_mass_edge_ranks
+  assert equal_mass_edge_ranks(150, 100)[:4].tolist() == [2, 3, 4, 6]  # 1.5 -> 2, 3.0, 4.5 -> 4, 6.0
+
+
+def test_confidence_one_goes_to_the_last_bin_everywhere(tmp_path):
+  r = calibration.analyse(write(tmp_path / "p.parquet", [0, 1, 0], [[1, 0], [1, 0], [.5, .5]], column="probs"))
+  assert r["reliability"]["count"][14] == 2
+  assert r["ece"] == pytest.approx(ref_ece(np.array([[1, 0], [1, 0], [.5, .5]]), [0, 1, 0]))
+  assert r["ece_equal_mass"] == pytest.approx(ref_equal_mass_ece(np.array([[1, 0], [1, 0], [.5, .5]]), [0, 1, 0]))
+
+
+def test_temperature_minimises_held_out_free_nll_and_scaling_is_applied(tmp_path):
+  labels, logits = random_case(n=500, k=4, seed=1, scale=4.0)  # overconfident: T > 1
+  split = ["val"] * 150 + ["test"] * 350
+  r = calibration.analyse(write(tmp_path / "p.parquet", labels, logits, split=split))
+  t = r["temperature"]
+  assert t > 1.2
+  fit_logits, fit_labels = logits[:150], labels[:150]
+  best = ref_nll(fit_logits, fit_labels, t)
+  for neighbour in (t * 0.99, t * 1.01, t * 0.999, t * 1.001):
+    assert best <= ref_nll(fit_logits, fit_labels, neighbour) + 1e-12
+  assert r["temperature_fit"]["fit_rows"] == "split == 'val'" and r["temperature_fit"]["num_held_out"] == 350
+  held = ref_softmax(logits[150:] / t)
+  assert r["ece_temperature_scaled"] == pytest.approx(ref_ece(held, labels[150:]), abs=1e-6)
+  assert r["temperature_fit"]["held_out_after"]["nll"] == pytest.approx(ref_nll(logits[150:], labels[150:], t),
+                                                                        rel=1e-6)
+  assert r["ece_temperature_scaled"] < r["temperature_fit"]["held_out_before"]["ece"]
+
+
+def test_without_a_val_split_a_seeded_fifth_of_rows_is_fitted(tmp_path):
+  labels, logits = random_case(n=101, k=3, seed=2)
+  path = write(tmp_path / "p.parquet", labels, logits)
+  a, b = calibration.analyse(path), calibration.analyse(path)
+  assert a["temperature_fit"]["num_fit"] == 20 and a["temperature_fit"]["num_held_out"] == 81
+  assert a["temperature"] == b["temperature"] and a["bootstrap"] == b["bootstrap"]
+  mask, _ = calibration.fit_rows(calibration.open_predictions(path))
+  t = a["temperature"]
+  assert ref_nll(logits[mask], labels[mask], t) <= min(ref_nll(logits[mask], labels[mask], t * f)
+                                                       for f in (0.995, 1.005))
+
+
+def test_spilled_rows_and_a_second_read_give_the_same_results(tmp_path, monkeypatch):
+  labels, logits = random_case(n=400, k=6, seed=3)
+  path = write(tmp_path / "p.parquet", labels, logits, row_group_size=50)
+  monkeypatch.setattr(calibration, "CHUNK_FLOATS", 6 * 64)
+  in_memory = calibration.analyse(path)
+  # Fit rows beyond 100 rows go to a temporary file; held-out rows (over 100 rows) are read from the file again.
+  spilled = calibration.analyse(path, store_budget_bytes=6 * 4 * 100)
+  for other in (spilled,):
+    assert other["temperature"] == pytest.approx(in_memory["temperature"], rel=1e-9)
+    assert other["ece_temperature_scaled"] == pytest.approx(in_memory["ece_temperature_scaled"], rel=1e-9)
+    assert other["temperature_fit"]["held_out_after"]["nll"] == pytest.approx(
+        in_memory["temperature_fit"]["held_out_after"]["nll"], rel=1e-9)
+
+
+def test_rank_metrics_hand_computed():
+  # OOD scores 1 - conf = [.1, .5, .5, .8]; OOD rows score .5 and .8, in-distribution rows .1 and .5.
+  ood = calibration.ood_metrics(np.array([.9, .5, .5, .2]), np.array([False, True, False, True]))
+  assert ood["auroc"] == pytest.approx(3.5 / 4)          # the tie counts one half
+  assert ood["auprc"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+  assert ood["fpr_at_95_tpr"] == pytest.approx(0.5)
+  perfect = calibration.ood_metrics(np.array([.9, .8, .6, .4]), np.array([0, 0, 1, 1], bool))
+  assert (perfect["auroc"], perfect["auprc"], perfect["fpr_at_95_tpr"]) == (1.0, 1.0, 0.0)
+  assert calibration.auroc(np.array([.9, .8, .7, .6]), np.array([1, 0, 1, 0], bool)) == pytest.approx(0.75)
+  assert calibration.ood_metrics(np.array([.9]), np.array([False]))["auroc"] is None
+
+
+def test_selective_prediction_is_independent_of_row_order_within_ties():
+  conf = np.array([.9, .7, .7, .7, .5])
+  correct = np.array([1, 1, 0, 0, 1], bool)
+  sp = calibration.selective_prediction(conf, correct)
+  # k = 1: 1/1; k = 2..4 take the tie group pro rata (1/3 correct each); k = 5: 3/5.
+  expected = [1.0, (1 + 1 / 3) / 2, (1 + 2 / 3) / 3, 2 / 4, 3 / 5]
+  assert sp["area_under_curve"] == pytest.approx(np.mean(expected))
+  assert dict(zip(sp["coverage"], sp["accuracy"]))[1.0] == pytest.approx(0.6)
+  shuffled = calibration.selective_prediction(conf[[0, 3, 2, 1, 4]], correct[[0, 3, 2, 1, 4]])
+  assert shuffled == sp
+
+
+def test_bootstrap_agrees_with_resampling_rows():
+  rng = np.random.default_rng(4)
+  conf = rng.uniform(0.3, 1.0, 3000)
+  correct = rng.random(3000) < conf - 0.05
+  ours = calibration.bootstrap_intervals(conf, correct, replicates=2000)
+  ece_samples, acc_samples = [], []
+  for _ in range(2000):
+    pick = rng.integers(0, 3000, 3000)
+    c, a = conf[pick], correct[pick]
+    index = np.minimum((c * 15).astype(int), 14)
+    ece_samples.append(sum(abs(a[index == b].sum() - c[index == b].sum()) for b in range(15)) / 3000)
+    acc_samples.append(a.mean())
+  for key, samples in (("ece", ece_samples), ("accuracy", acc_samples)):
+    for ours_q, theirs_q in zip(ours[key], np.quantile(samples, [0.025, 0.975])):
+      assert ours_q == pytest.approx(theirs_q, abs=0.004)
+
+
+# ------------------------------------------------------------ breakdowns, streaming, formats
+
+def test_per_split_per_shift_and_ood_breakdowns(tmp_path):
+  labels, logits = random_case(n=300, k=4, seed=5)
+  split = ["val"] * 100 + ["test"] * 100 + ["test-noise1"] * 100
+  shift = ["none"] * 200 + ["noise1"] * 100
+  ood = [False] * 250 + [True] * 50
+  r = calibration.analyse(write(tmp_path / "p.parquet", labels, logits, split=split, shift=shift, ood=ood))
+  assert set(r["splits"]) == {"val", "test", "test-noise1"} and set(r["shifts"]) == {"none", "noise1"}
+  probs = ref_softmax(logits)
+  m = r["splits"]["test"]
+  assert m["num_examples"] == 100
+  assert m["ece"] == pytest.approx(ref_ece(probs[100:200], labels[100:200]), abs=1e-6)
+  assert m["classwise_ece"] == pytest.approx(ref_classwise_ece(probs[100:200], labels[100:200]), abs=1e-6)
+  assert m["ece_equal_mass"] == pytest.approx(ref_equal_mass_ece(probs[100:200], labels[100:200]), abs=1e-6)
+  assert r["shifts"]["none"]["nll"] == pytest.approx(ref_nll(logits[:200], labels[:200]), rel=1e-6)
+  conf = probs.max(1)
+  assert r["ood"]["auroc"] == pytest.approx(calibration.auroc(1 - conf, np.array(ood)))
+  assert r["ood"]["num_ood"] == 50
+
+
+def test_streaming_many_row_groups_and_chunks_equals_one(tmp_path, monkeypatch):
+  labels, logits = random_case(n=700, k=9, seed=6)
+  split = ["val"] * 200 + ["test"] * 500
+  one = calibration.analyse(write(tmp_path / "one.parquet", labels, logits, split=split))
+  monkeypatch.setattr(calibration, "CHUNK_FLOATS", 9 * 64)  # 64-row chunks
+  many = calibration.analyse(write(tmp_path / "many.parquet", labels, logits, split=split, row_group_size=37))
+  assert calibration.json_safe(one).keys() == calibration.json_safe(many).keys()
+  for key in ("accuracy", "nll", "brier", "ece", "ece_equal_mass", "rms_ce", "classwise_ece", "temperature",
+              "ece_temperature_scaled", "calibration_auc"):
+    assert many[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
+  assert many["bootstrap"] == one["bootstrap"] and many["splits"]["test"]["ece"] == pytest.approx(
+      one["splits"]["test"]["ece"])
+
+
+def test_fixed_size_lists_and_probs_give_the_same_metrics(tmp_path):
+  labels, logits = random_case(n=200, k=3, seed=7)
+  base = calibration.analyse(write(tmp_path / "a.parquet", labels, logits))
+  fixed = calibration.analyse(write(tmp_path / "b.parquet", labels, logits, fixed=True))
+  probs = calibration.analyse(write(tmp_path / "c.parquet", labels, ref_softmax(logits), column="probs"))
+  for key in ("accuracy", "nll", "brier", "ece", "classwise_ece", "temperature"):
+    assert fixed[key] == base[key]
+    assert probs[key] == pytest.approx(base[key], rel=1e-4, abs=1e-6), key
+
+
+# ------------------------------------------------------------ edge cases
+
+def test_all_equal_confidences(tmp_path):
+  r = calibration.analyse(write(tmp_path / "p.parquet", [0, 1, 2, 3, 0, 0], [[0.0] * 4] * 6))
+  assert r["accuracy"] == pytest.approx(0.5)  # ties go to class 0
+  assert r["ece"] == pytest.approx(0.25) and r["ece_equal_mass"] == pytest.approx(0.25)
+  assert r["temperature"] == 1.0 and r["calibration_auc"] is not None
+
+
+def test_a_single_example(tmp_path):
+  r = calibration.analyse(write(tmp_path / "p.parquet", [1], [[0.0, 2.0, 1.0]]))
+  assert r["accuracy"] == 1.0 and r["ece"] == pytest.approx(1 - ref_softmax([[0.0, 2.0, 1.0]])[0, 1])
+  assert r["ece_temperature_scaled"] is None and r["temperature_fit"]["num_held_out"] == 0
+  assert r["bootstrap"]["ece"][0] == r["bootstrap"]["ece"][1] == pytest.approx(r["ece"])
+  assert r["calibration_auc"] is None
+  json.dumps(calibration.json_safe(r), allow_nan=False)
+
+
+def test_binary_and_ten_thousand_classes(tmp_path):
+  labels, logits = random_case(n=300, k=2, seed=8)
+  r = calibration.analyse(write(tmp_path / "b.parquet", labels, logits))
+  assert r["ece"] == pytest.approx(ref_ece(ref_softmax(logits), labels), abs=1e-6)
+  labels, logits = random_case(n=40, k=10_000, seed=9, scale=1.0)
+  logits[np.arange(40), labels] += 12.0
+  r = calibration.analyse(write(tmp_path / "k.parquet", labels, logits))
+  probs = ref_softmax(logits)
+  assert r["num_classes"] == 10_000
+  assert r["ece"] == pytest.approx(ref_ece(probs, labels), abs=1e-6)
+  assert r["classwise_ece"] == pytest.approx(ref_classwise_ece(probs, labels), abs=1e-6)
+
+
+@pytest.mark.parametrize("scores, labels, message", [
+    ([[0.0, 1.0], [0.0, float("nan")]], [0, 0], "row 1 (example_id 'ex-1'): 'logits' holds NaN or Inf"),
+    ([[0.0, float("inf")], [0.0, 1.0]], [0, 0], "row 0 (example_id 'ex-0'): 'logits' holds NaN or Inf"),
+    ([[0.0, 1.0], [0.0, 1.0], [float("-inf"), 1.0]], [0, 0, 0], "row 2 (example_id 'ex-2'): 'logits' holds NaN"),
+    ([[0.0, 1.0], [0.0, 1.0]], [0, 2], r"row 1 \(example_id 'ex-1'\): label 2 is outside \[0, 2\)"),
+    ([[0.0, 1.0]], [-1], r"row 0 \(example_id 'ex-0'\): label -1 is outside \[0, 2\)"),
+    ([[0.0, 1.0], [0.0, 1.0, 2.0]], [0, 0], "row 1 (example_id 'ex-1'): 'logits' has 3 classes, row 0 has 2"),
+])
+def test_bad_rows_are_named(tmp_path, scores, labels, message):
+  path = tmp_path / "bad.parquet"
+  pq.write_table(pa.table({"example_id": [f"ex-{i}" for i in range(len(labels))],
+                           "label": pa.array(labels, pa.int32()),
+                           "logits": pa.array(scores, pa.list_(pa.float32()))}), str(path), row_group_size=1)
+  with pytest.raises(ContractError, match=message.replace("(", r"\(").replace(")", r"\)")
+                     if "\\" not in message else message):
+    calibration.analyse(str(path))
+
+
+def test_bad_probs_and_files_are_named(tmp_path):
+  with pytest.raises(ContractError, match=r"row 1 \(example_id 'ex-1'\): 'probs' sums to 1.3, not 1"):
+    calibration.analyse(write(tmp_path / "p.parquet", [0, 0], [[.5, .5], [.6, .7]], column="probs"))
+  pq.write_table(pa.table({"example_id": ["a"], "label": [0]}), str(tmp_path / "n.parquet"))
+  with pytest.raises(ContractError, match="needs a 'logits' or 'probs' column"):
+    calibration.analyse(str(tmp_path / "n.parquet"))
+  (tmp_path / "x.parquet").write_text("not parquet")
+  with pytest.raises(ContractError, match="not a Parquet file"):
+    calibration.analyse(str(tmp_path / "x.parquet"))
+
+
+# ------------------------------------------------------------ the command and its artifacts
+
+def test_cli_writes_json_figures_and_fragment(tmp_path, capsys):
+  labels, logits = random_case(n=200, k=4, seed=10)
+  path = write(tmp_path / "p.parquet", labels, logits, split=["val"] * 50 + ["test"] * 150,
+               shift=["none"] * 200)
+  assert main(["calibrate", "--predictions", path, "--output", str(tmp_path / "out")]) == 0
+  out = tmp_path / "out"
+  result = json.loads((out / "calibration.json").read_text())
+  for key in ("accuracy", "nll", "brier", "ece", "ece_equal_mass", "rms_ce", "classwise_ece", "temperature",
+              "ece_temperature_scaled", "bootstrap", "splits", "shifts", "selective_prediction", "calibration_auc"):
+    assert key in result, key
+  for name in ("reliability.png", "reliability_temperature_scaled.png", "selective_prediction.png", "lineage.json"):
+    assert (out / name).stat().st_size > 0
+  html = (out / "calibration.html").read_text()
+  assert html.count("data:image/png;base64,") == 3 and "ECE (100 equal-mass bins)" in html
+  assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+  path = write(tmp_path / "p.parquet", [0, 5], [[0.0, 1.0], [1.0, 0.0]])
+  assert main(["calibrate", "--predictions", path, "--output", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("patchflow: error: ") and "row 1 (example_id 'ex-1'): label 5 is outside [0, 2)" in err[-1]
+  assert main(["calibrate", "--predictions", str(tmp_path / "missing.parquet"), "--output", "o"]) == 2
+  assert capsys.readouterr().err.strip() == f"patchflow: error: {tmp_path}/missing.parquet: no such file"
+
+
+def test_uri_paths_read_and_write_through_pyarrow_filesystems(tmp_path):
+  labels, logits = random_case(n=50, k=3, seed=11)
+  write(tmp_path / "p.parquet", labels, logits)
+  result = calibration.calibrate(f"file://{tmp_path}/p.parquet", f"file://{tmp_path}/remote", log=lambda m: None)
+  assert json.loads((tmp_path / "remote" / "calibration.json").read_text())["ece"] == result["ece"]

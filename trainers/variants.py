@@ -1,0 +1,78 @@
+"""Variants of the calibration study: a model size and an uncertainty method, trained as one or more members.
+
+A variant is a dict (a KFP ParallelFor item), for example
+  {"name": "S", "width": 32, "depth": 1, "method": "mc_dropout", "dropout": 0.2, "mc_samples": 8}
+Methods: deterministic | label_smoothing | mc_dropout | ensemble. Temperature scaling is post hoc: a variant
+with "temperature_scaling": true is also evaluated with its logits divided by the temperature fitted on val.
+"""
+
+import json
+import os
+
+from schemas.errors import ContractError
+
+METHODS = ("deterministic", "label_smoothing", "mc_dropout", "ensemble")
+DEFAULTS = {"label_smoothing": 0.1, "dropout": 0.2, "mc_samples": 8, "seeds": None, "temperature_scaling": False,
+            "heads": 4, "mlp_dim": None}
+VARIANT_FILENAME = "variant.json"
+
+
+def validate_variant(variant: dict) -> dict:
+  """The variant with defaults filled in; a missing or wrong key is an error naming the variant and key."""
+  if not isinstance(variant, dict):
+    raise ContractError(f"variant {variant!r}: expected a dict")
+  where = f"variant {variant.get('name', '?')}/{variant.get('method', '?')}"
+  unknown = sorted(set(variant) - {"name", "width", "depth", "method"} - set(DEFAULTS))
+  if unknown:
+    raise ContractError(f"{where}: unknown key {unknown[0]!r}")
+  for key in ("name", "width", "depth", "method"):
+    if key not in variant:
+      raise ContractError(f"{where}: missing key {key!r}")
+  if variant["method"] not in METHODS:
+    raise ContractError(f"{where}: method must be one of {', '.join(METHODS)}")
+  out = {**DEFAULTS, **variant}
+  # KFP passes a ParallelFor item through a protobuf Struct, where every number is a float.
+  integral = lambda v: int(v) if isinstance(v, float) and v.is_integer() else v
+  for key in ("width", "depth", "mc_samples", "heads", "mlp_dim"):
+    out[key] = integral(out[key])
+  out["seeds"] = [integral(s) for s in (out["seeds"] or ([0, 1, 2] if out["method"] == "ensemble" else [0]))]
+  out["mlp_dim"] = out["mlp_dim"] or 2 * out["width"]
+  if not all(isinstance(s, int) for s in out["seeds"]):
+    raise ContractError(f"{where}: 'seeds' must be ints, got {out['seeds']!r}")
+  for key in ("width", "depth", "mc_samples", "heads", "mlp_dim"):
+    if not isinstance(out[key], int) or out[key] < 1:
+      raise ContractError(f"{where}: {key!r} must be a positive int, got {out[key]!r}")
+  if out["method"] == "ensemble" and len(out["seeds"]) < 2:
+    raise ContractError(f"{where}: an ensemble needs at least 2 seeds")
+  return out
+
+
+def member_overrides(variant: dict, seed: int) -> dict:
+  """Config overrides (on top of the smoke config) for one member."""
+  return {"seed": seed, "model.width": variant["width"], "model.depth": variant["depth"],
+          "model.heads": variant["heads"], "model.mlp_dim": variant["mlp_dim"],
+          "model.dropout": float(variant["dropout"]) if variant["method"] == "mc_dropout" else 0.0,
+          "train.label_smoothing": float(variant["label_smoothing"]) if variant["method"] == "label_smoothing"
+          else 0.0}
+
+
+def train_variant(shard_dir: str, workdir: str, variant: dict, overrides: dict, log=print) -> dict:
+  """Trains every member of a variant under workdir/member-<seed> (seed = overrides' seed + variant seed) and
+  writes variant.json; `overrides` are the study-wide config overrides (steps, batch size, ...)."""
+  from trainers.configs import apply_overrides, load_config
+  from trainers.train import train
+  variant = validate_variant(variant)
+  base_seed = int(overrides.get("seed", 0))
+  members = []
+  for offset in variant["seeds"]:
+    seed = base_seed + offset
+    config = apply_overrides(load_config("smoke"), {**overrides, **member_overrides(variant, seed)})
+    log(f"study: training {variant['name']}/{variant['method']} member seed {seed}")
+    final = train(shard_dir, os.path.join(workdir, f"member-{seed}"), config, log=log)
+    members.append({"seed": seed, "dir": f"member-{seed}", "final": final})
+  record = {"variant": variant, "members": members}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, VARIANT_FILENAME + ".tmp"), "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=1, sort_keys=True)
+  os.replace(os.path.join(workdir, VARIANT_FILENAME + ".tmp"), os.path.join(workdir, VARIANT_FILENAME))
+  return record
