@@ -49,7 +49,14 @@ def test_each_method_is_trained_evaluated_and_reported(shard_dir, tmp_path):
   t = json.loads((tmp_path / "det" / "eval" / "deterministic" / "calibration.json").read_text())["temperature"]
   np.testing.assert_allclose(np.stack(scaled.column("logits").to_numpy(zero_copy_only=False)),
                              np.stack(plain.column("logits").to_numpy(zero_copy_only=False)) / t, rtol=1e-5)
-  assert det[1]["nll"] <= det[0]["nll"] + 0.05  # T was fitted on val; test NLL should not get much worse
+  # T minimises NLL on the val rows it was fitted on (test NLL on a dozen images can go either way).
+  from evaluators.metrics import negative_log_likelihood
+  split = np.array(plain.column("split").to_pylist())
+  labels = np.array(plain.column("label").to_pylist())
+  logits = np.stack(plain.column("logits").to_numpy(zero_copy_only=False)).astype(np.float64)
+  val = split == "val"
+  assert val.any()
+  assert negative_log_likelihood(logits[val] / t, labels[val]) <= negative_log_likelihood(logits[val], labels[val]) + 1e-6
   # The ensemble's probabilities are the mean of its members' softmax.
   from evaluators.predict import PREDICT_FIELDS, slot_logits
   from schemas.dataset_info import read_dataset_info
