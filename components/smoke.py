@@ -27,7 +27,8 @@ def make_synthetic_data(seed: int, num_train: int, num_val: int, num_test: int, 
 
 @component
 def build_shards(data: Input[Dataset], seq_len: int, patch_size: int, max_images: int,
-                 max_patches_per_image: int, num_shards: int, shards: Output[Dataset]):
+                 max_patches_per_image: int, num_shards: int, shards: Output[Dataset], beam_args: str = "[]"):
+  import json
   import os
   from components.cache import run_cached
   params = {"seq_len": seq_len, "patch_size": patch_size, "max_images": max_images,
@@ -35,7 +36,9 @@ def build_shards(data: Input[Dataset], seq_len: int, patch_size: int, max_images
 
   def work():
     from beam_jobs.build_shards import ShardOptions, build_shards as build
-    return build(os.path.join(data.path, "manifest.jsonl"), shards.path, ShardOptions(**params))
+    # beam_args (a JSON list, from the runtime target) can send the job to Dataflow instead of in-process.
+    return build(os.path.join(data.path, "manifest.jsonl"), shards.path, ShardOptions(**params),
+                 beam_args=json.loads(beam_args))
   info = run_cached("build_shards", ("beam_jobs", "schemas"), params, {"data": data.path}, {"shards": shards.path},
                     work)
   shards.metadata.update({k: info[k] for k in ("num_examples", "num_sequences", "packing_efficiency")})

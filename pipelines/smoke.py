@@ -1,5 +1,7 @@
 """The smoke DAG: every stage real and small. Its parameters carry every knob; defaults run in ~1.5 min on CPU."""
 
+import json
+
 from kfp import dsl
 
 from components import calibration as calibration_steps
@@ -10,6 +12,7 @@ from pipelines.targets import configure_task
 def build(target: dict | None = None):
   """The smoke pipeline, with a runtime target's image and resources applied to each step (None: as is)."""
   on = lambda task, name: configure_task(task, name, target)
+  beam_args = json.dumps((target or {}).get("beam_args", []))
 
   @dsl.pipeline(name="smoke", description="Synthetic multimodal data -> packed shards -> NaViT checkpoint -> "
                 "predictions, calibration metrics -> report.html")
@@ -21,7 +24,7 @@ def build(target: dict | None = None):
               "make-synthetic-data")
     shards = on(step.build_shards(data=data.outputs["data"], seq_len=seq_len, patch_size=patch_size,
                                   max_images=max_images, max_patches_per_image=max_patches_per_image,
-                                  num_shards=num_shards), "build-shards")
+                                  num_shards=num_shards, beam_args=beam_args), "build-shards")
     checkpoint = on(step.train(shards=shards.outputs["shards"], seed=seed, steps=steps, batch_size=batch_size,
                                learning_rate=learning_rate, width=width, depth=depth), "train")
     evaluation = on(step.evaluate(shards=shards.outputs["shards"], checkpoint=checkpoint.outputs["checkpoint"]),

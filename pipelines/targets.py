@@ -16,6 +16,8 @@ def load_targets(path: str = TARGETS_FILE) -> dict:
   for name, target in targets.items():
     if "image" not in target:
       raise ContractError(f"{path}: target {name!r} has no 'image'")
+    if not all(isinstance(a, str) for a in target.get("beam_args", [])):
+      raise ContractError(f"{path}: target {name!r}: 'beam_args' must be a list of strings")
     for step, resources in (target.get("steps") or {}).items():
       unknown = set(resources) - _STEP_KEYS
       if unknown:

@@ -131,3 +131,16 @@ def test_study_compiles_with_a_parallel_for(tmp_path):
   loops = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
   assert len(loops) == 1 and loops[0]["iteratorPolicy"]["parallelismLimit"] == 2
   assert {"make-synthetic-data", "build-shards", "study-report"} <= set(spec["root"]["dag"]["tasks"])
+
+
+def test_a_target_with_beam_args_sends_the_shard_builder_to_dataflow(tmp_path):
+  out = tmp_path / "cpu.yaml"
+  assert main(["compile", "smoke", "--target", "vertex-cpu", "--output", str(out)]) == 0
+  spec = yaml.safe_load(out.read_text())
+  beam_args = spec["root"]["dag"]["tasks"]["build-shards"]["inputs"]["parameters"]["beam_args"]
+  args = json.loads(beam_args["runtimeValue"]["constant"])
+  assert args[:2] == ["--runner", "DataflowRunner"] and "--temp_location" in args
+  local = tmp_path / "local.yaml"
+  assert main(["compile", "smoke", "--output", str(local)]) == 0
+  params = yaml.safe_load(local.read_text())["root"]["dag"]["tasks"]["build-shards"]["inputs"]["parameters"]
+  assert json.loads(params["beam_args"]["runtimeValue"]["constant"]) == []
