@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import pytest
+from multidevice import run_with_cpu_devices
 
 TINY = ["--set", "model.width=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.mlp_dim=32",
         "--set", "train.batch_size=4", "--set", "train.warmup_steps=2"]
@@ -39,10 +40,7 @@ def test_two_by_two_mesh_reaches_the_same_loss_as_one_device(shard_dir, tmp_path
         out[f"{{data}}x{{model}}"] = {{"losses": losses, "kernel": kernel.ravel()[:64].tolist()}}
       print("RESULT " + json.dumps(out))
   """)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout.split("RESULT ", 1)[1])
+  out = json.loads(run_with_cpu_devices(script, 4, marker="RESULT ").split("RESULT ", 1)[1])
   assert out["1x1"]["losses"] == pytest.approx(out["2x2"]["losses"], rel=1e-4)
   assert out["1x1"]["kernel"] == pytest.approx(out["2x2"]["kernel"], rel=1e-3, abs=1e-5)
 

@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -10,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from multidevice import run_with_cpu_devices
 from trainers.moe import MoEFeedForward, expert_capacity, load_balancing_loss
 from trainers.ops import sparse_topk_mask
 
@@ -163,11 +161,7 @@ def test_experts_shard_over_the_model_axis_of_an_active_mesh():
         np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=1e-5)
       print("SHARDED-OK")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
-  assert "SHARDED-OK" in result.stdout, result.stderr[-3000:]
+  run_with_cpu_devices(code, 2, marker="SHARDED-OK")
 
 
 @pytest.mark.parametrize("kwargs, match", [

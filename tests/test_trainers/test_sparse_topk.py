@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -10,6 +7,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from multidevice import run_with_cpu_devices
 from trainers.ops import sparse_topk_magnitude, sparse_topk_mask
 from trainers.pruning import kept_count, prune_array, prune_params, sparsity_of
 
@@ -241,11 +239,7 @@ def test_works_on_a_sharded_mesh():
         np.testing.assert_allclose(np.asarray(dy), np.asarray(g(x)), atol=1e-5)
       print("SHARDED-OK")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
-  assert "SHARDED-OK" in result.stdout, result.stderr[-3000:]
+  run_with_cpu_devices(code, 2, marker="SHARDED-OK")
 
 
 # ---------------------------------------------------------------- pruning
