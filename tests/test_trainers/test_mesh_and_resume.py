@@ -70,7 +70,7 @@ def _wait_for_step(path, step, proc, timeout=300):
 
 
 def test_sigkill_then_same_command_gives_bit_identical_parameters(shard_dir, tmp_path):
-  extra = ["--set", "train.steps=40", "--set", "train.checkpoint_every=5", "--set", "train.log_every=1"]
+  extra = ["--set", "train.steps=80", "--set", "train.checkpoint_every=5", "--set", "train.log_every=1"]
   whole = subprocess.run(_train_cmd(shard_dir, tmp_path / "whole", *extra), capture_output=True, text=True,
                          timeout=600)
   assert whole.returncode == 0, whole.stderr[-2000:]
@@ -87,7 +87,7 @@ def test_sigkill_then_same_command_gives_bit_identical_parameters(shard_dir, tmp
   b = json.loads((tmp_path / "killed" / "final.json").read_text())
   assert a["params_sha256"] == b["params_sha256"] and a["loss"] == b["loss"]
   steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-  assert steps == list(range(1, 41))
+  assert steps == list(range(1, 81))
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shard_dir, tmp_path):
