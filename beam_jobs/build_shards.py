@@ -37,6 +37,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from PIL import UnidentifiedImageError
 
 from beam_jobs import image_ops, packing, tfrecord
+from beam_jobs import text as text_lib
 from beam_jobs.navit import ResolutionSampling, TokenDrop
 from beam_jobs.sources import SourceExample, error_row, resolve_source
 from schemas import dataset_info as info_lib
@@ -66,6 +67,7 @@ class ShardOptions:
   token_drop: str = "none"
   video: bool = False
   window_size: int = 65536  # examples per packing window
+  tokenizer: str = ""  # SentencePiece model file for text_tokens; empty: byte-level
 
   def __post_init__(self):
     if self.max_patches_per_image is None:
@@ -426,7 +428,7 @@ def render_example(planned: Planned, options: ShardOptions, frames: list[bytes] 
   if len(kept) < total:
     patches, yx, t = patches[kept], yx[kept], t[kept]
   record = planned.example.record
-  text = image_ops.byte_tokens(record.text) if options.text_len and record.text else None
+  text = text_lib.tokenize(record.text, options.tokenizer) if options.text_len and record.text else None
   boxes = np.asarray(record.boxes or np.zeros((0, 4)), dtype="<f4").reshape(-1, 4)
   return {"id": record.id, "label": record.label, "patches": patches, "yx": yx, "t": t,
           "grid": (rows, cols), "text_tokens": text, "boxes": boxes, "dropped": total - len(kept)}
@@ -594,6 +596,7 @@ def summarize(shards: list[dict[str, Any]], errors: list[dict[str, Any]], num_li
       "schema_version": SCHEMA_VERSION, "fingerprint": FINGERPRINT,
       "seq_len": options.seq_len, "patch_size": options.patch_size, "max_images": options.max_images,
       "text_len": options.text_len, "max_patches_per_image": options.max_patches_per_image,
+      "tokenizer": text_lib.describe(options.tokenizer) if options.text_len else None,
       "video": options.video, "num_classes": num_classes, "class_names": list(class_names),
       "num_examples": sum(s["num_examples"] for s in splits.values()), "num_sequences": num_sequences,
       "num_manifest_lines": num_lines, "num_errors": len(errors), "errors_by_reason": dict(sorted(errors_by_reason.items())),
@@ -729,6 +732,8 @@ def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOp
   `max_error_fraction` of the records are bad."""
   kwargs = {"chunk_bytes": manifest_chunk_bytes} if manifest_chunk_bytes else {}
   source = resolve_source(manifest, tfds_data_dir, **kwargs)
+  if options.tokenizer:
+    text_lib.describe(options.tokenizer)  # a bad model file fails here, before any work, naming the file
   if is_local(output_dir):
     import os
     os.makedirs(output_dir, exist_ok=True)

@@ -98,6 +98,7 @@ def _shards_build(args) -> int:
     raise ContractError(f"--workers must be >= 1, got {args.workers}")
   options = ShardOptions(seq_len=args.seq_len, patch_size=args.patch_size, max_images=args.max_images,
                          max_patches_per_image=args.max_patches_per_image, text_len=args.text_len,
+                         tokenizer=args.tokenizer,
                          num_shards=args.num_shards, max_error_fraction=args.max_error_fraction, seed=args.seed,
                          resolution_sampling=args.resolution_sampling, token_drop=args.token_drop,
                          video=args.video, window_size=args.window_size)
@@ -184,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="none | uniform:LO:HI | loguniform:LO:HI (patch budget per example)")
   p.add_argument("--token-drop", default="none", metavar="SPEC",
                  help="none | fixed:RATE | beta:A:B | resolution:LO:HI")
-  p.add_argument("--text-len", type=int, default=0, help="caption tokens per sequence (byte-level; 0: no text)")
+  p.add_argument("--text-len", type=int, default=0, help="caption tokens per sequence (byte-level unless --tokenizer; 0: no text)")
+  p.add_argument("--tokenizer", default="", metavar="MODEL",
+                 help="SentencePiece model file for text tokens (default: byte-level)")
   p.add_argument("--video", action="store_true", help="pack video records (lists of frames): adds patch_t, boxes")
   p.add_argument("--window-size", type=int, default=65536, help="examples per packing window")
   p.add_argument("--max-error-fraction", type=float, default=0.01,

@@ -20,7 +20,8 @@ def test_every_flag_reaches_the_job(synthetic_dir, tmp_path, capsys):
   assert info["options"] == {
       "seq_len": 128, "patch_size": 8, "max_images": 6, "max_patches_per_image": 64, "num_shards": 3, "seed": 5,
       "resolution_sampling": "loguniform:4:64", "token_drop": "beta:2:5", "text_len": 32, "window_size": 40,
-      "max_error_fraction": 0.2, "video": False}
+      "max_error_fraction": 0.2, "video": False, "tokenizer": ""}
+  assert info["tokenizer"] == {"kind": "bytes", "vocab_size": 257, "id_offset": 1}
   assert info["tokens_dropped"] > 0 and info["splits"]["train"]["num_shards"] == 3
   lineage = json.loads((out / "lineage.json").read_text())
   assert lineage["config"]["workers"] == 1 and lineage["config"]["beam_args"] == ["--direct_running_mode=in_memory"]
