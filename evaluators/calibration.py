@@ -492,12 +492,6 @@ def fit_temperature(chunks_fn, gap_label: np.ndarray, start_beta: float = 1.0) -
   return 1.0 / beta
 
 
-def nll_at_temperature(rows: np.ndarray, gap_label: np.ndarray, temperature: float) -> float:
-  """Mean NLL of softmax(z / T) for shifted scores `rows` (d = z - max z)."""
-  return _nll_derivatives([np.asarray(rows, np.float32)], np.asarray(gap_label, np.float64),
-                          1.0 / temperature)[0]
-
-
 # ---------------------------------------------------------------- rank-based metrics
 
 def _threshold_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

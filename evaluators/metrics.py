@@ -116,26 +116,11 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: 
                                            num_bins)))
 
 
-def rms_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = NUM_ECE_BINS) -> float:
-  confidence, correct = _top_label(probs, labels)
-  return float(calibration_error(*bin_sums(equal_width_bin_index(confidence, num_bins), confidence, correct,
-                                           num_bins), norm="l2"))
-
-
 def equal_mass_calibration_error(confidence: np.ndarray, correct: np.ndarray,
                                  num_bins: int = NUM_EQUAL_MASS_BINS) -> float:
   """ECE with equal-mass bins from top-label confidences and correctness (both length N)."""
   return float(calibration_error(*bin_sums(equal_mass_bin_index(confidence, num_bins), confidence, correct,
                                            num_bins)))
-
-
-def classwise_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = NUM_ECE_BINS) -> float:
-  n, k = probs.shape
-  index = equal_width_bin_index(probs, num_bins) + np.arange(k) * num_bins  # [N, K] -> class-major bins
-  hits = (labels[:, None] == np.arange(k)).astype(np.float64)
-  sums = [np.bincount(index.ravel(), weights=w, minlength=k * num_bins).reshape(k, num_bins)
-          for w in (None, probs.ravel(), hits.ravel())]
-  return float(calibration_error(*sums).mean())
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:

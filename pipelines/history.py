@@ -3,7 +3,6 @@
 import json
 import os
 import sqlite3
-import time
 from typing import Any
 
 from schemas.errors import ContractError
@@ -50,6 +49,3 @@ def get_run(home: str, run_id: str) -> dict[str, Any]:
     raise ContractError(f"unknown run id {run_id!r} (see `patchflow runs`)")
   return _row_to_record(row)
 
-
-def now() -> float:
-  return time.time()
