@@ -67,19 +67,21 @@ class Block(nnx.Module):
     return self.dropout(self.out(_attention(q, k, v, mask).reshape(b, length, width)))
 
   def _mlp(self, y, token_mask):
+    """-> (update, MoE load-balancing loss; 0 for a dense MLP)."""
     if self.moe is not None:
       update, aux = self.moe(y, token_mask)
-      # Collected by the train step (nnx.pop) and added to the loss with weight model.moe.aux_weight.
-      self.sow(nnx.Intermediate, "moe_load_balancing_loss", aux["load_balancing_loss"])
-      return self.dropout(update.astype(y.dtype))
-    return self.dropout(self.mlp_out(jax.nn.gelu(self.mlp_in(y))))
+      return self.dropout(update.astype(y.dtype)), aux["load_balancing_loss"]
+    return self.dropout(self.mlp_out(jax.nn.gelu(self.mlp_in(y)))), jnp.zeros((), jnp.float32)
 
   def __call__(self, x, mask, token_mask=None):
+    """-> (x, auxiliary loss). The loss is returned, not sown, so no caller has to collect hidden state."""
     if self.parallel:  # ViT-22B: one norm, attention and MLP side by side, summed.
       y = self.norm1(x)
-      return x + self._attend(y, mask) + self._mlp(y, token_mask)
+      update, aux = self._mlp(y, token_mask)
+      return x + self._attend(y, mask) + update, aux
     x = x + self._attend(self.norm1(x), mask)
-    return x + self._mlp(self.norm2(x), token_mask)
+    update, aux = self._mlp(self.norm2(x), token_mask)
+    return x + update, aux
 
 
 class MAPHead(nnx.Module):
@@ -129,6 +131,9 @@ class NaViT(nnx.Module):
     self.map_head = MAPHead(cfg, rngs=rngs) if self.pool == "map" else None
     self.head = nnx.Linear(width, num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
     self.rngs = rngs if self.token_drop else None
+    # Static (part of the graph definition, so jit retraces when it changes). False only to measure what
+    # masking costs (benchmarks) or to show the mask matters (tests): images then see each other.
+    self.mask_images = True
 
   def _positions(self, patch_yx, segment_ids, image_grid):
     if self.posemb == "factorized" or image_grid is None:
@@ -140,10 +145,10 @@ class NaViT(nnx.Module):
     return idx[..., 0], idx[..., 1]
 
   def __call__(self, patches, patch_yx, segment_ids, image_grid=None, *, train: bool = False,
-               use_mask: bool = True):
+               return_aux_loss: bool = False):
     """patches uint8 [B, L, P], patch_yx [B, L, 2], segment_ids [B, L], image_grid [B, M, 2] -> logits [B, M, C].
 
-    `use_mask=False` exists only to measure what masking costs (benchmarks); it lets images see each other.
+    With `return_aux_loss` -> (logits, the MoE layers' summed load-balancing loss; 0 for a dense model).
     """
     if train and self.token_drop:
       # Continuous token dropping at train time: dropped tokens become padding (segment 0).
@@ -153,17 +158,20 @@ class NaViT(nnx.Module):
     rows, cols = self._positions(patch_yx, segment_ids, image_grid)
     x = x + (self.pos_row[...][rows] + self.pos_col[...][cols]).astype(self.dtype)
     mask = None
-    if use_mask:
+    if self.mask_images:
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    aux_loss = jnp.zeros((), jnp.float32)
     for block in self.blocks:
-      x = block(x, mask, segment_ids > 0)
+      x, block_aux = block(x, mask, segment_ids > 0)
+      aux_loss = aux_loss + block_aux
     x = self.norm(x)
     slots = (segment_ids[..., None] == jnp.arange(1, self.max_images + 1)).astype(x.dtype)  # [B, L, M]
     if self.pool == "map":
       pooled = self.map_head(x, slots)
     else:
       pooled = jnp.einsum("blm,bld->bmd", slots, x) / jnp.maximum(slots.sum(axis=1), 1.0)[..., None]
-    return self.head(pooled.astype(jnp.float32))
+    logits = self.head(pooled.astype(jnp.float32))
+    return (logits, aux_loss) if return_aux_loss else logits
 
 
 def build_model(model_config: dict, info: dict, seed: int) -> NaViT:

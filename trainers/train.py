@@ -49,16 +49,16 @@ def make_optimizer(model, train_config: dict):
   return nnx.Optimizer(model, tx, wrt=nnx.Param), schedule
 
 
-def _forward(model, batch, train):
-  return model(batch["patches"], batch["patch_yx"], batch["segment_ids"], batch.get("image_grid"), train=train)
+def _forward(model, batch, train, return_aux_loss=False):
+  return model(batch["patches"], batch["patch_yx"], batch["segment_ids"], batch.get("image_grid"), train=train,
+               return_aux_loss=return_aux_loss)
 
 
 @functools.partial(nnx.jit, static_argnames=("label_smoothing", "aux_weight"))
 def train_step(model, optimizer, batch, label_smoothing=0.0, aux_weight=0.0):
   def loss_fn(model):
-    loss, accuracy = slot_loss_and_accuracy(_forward(model, batch, True), batch["labels"], label_smoothing)
-    # MoE layers sow their load-balancing losses; dense models sow nothing.
-    aux = sum(jnp.sum(v) for v in jax.tree.leaves(nnx.pop(model, nnx.Intermediate)))
+    logits, aux = _forward(model, batch, True, return_aux_loss=True)  # aux: MoE load balancing; 0 if dense
+    loss, accuracy = slot_loss_and_accuracy(logits, batch["labels"], label_smoothing)
     return loss + aux_weight * aux, accuracy
   (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
@@ -67,9 +67,7 @@ def train_step(model, optimizer, batch, label_smoothing=0.0, aux_weight=0.0):
 
 @nnx.jit
 def eval_step(model, batch):
-  result = slot_loss_and_accuracy(_forward(model, batch, False), batch["labels"])
-  nnx.pop(model, nnx.Intermediate)
-  return result
+  return slot_loss_and_accuracy(_forward(model, batch, False), batch["labels"])
 
 
 def evaluate_split(model, data: dict, batch_size: int) -> dict:

@@ -1,5 +1,6 @@
 import json
 import shutil
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -59,9 +60,8 @@ def test_images_in_one_sequence_never_see_each_other(shard_dir, variant):
   tol = 1e-5  # masked-out keys get exactly zero weight, so even bf16 matches to float noise
   np.testing.assert_allclose(before[0, 1:], after[0, 1:], rtol=tol, atol=tol)  # the others did not
   # And without the mask they would have: the test can fail.
-  unmasked = lambda p: np.asarray(model(p, batch["patch_yx"], batch["segment_ids"], batch["image_grid"],
-                                        use_mask=False))
-  assert not np.allclose(unmasked(batch["patches"])[0, 1:], unmasked(changed)[0, 1:], rtol=tol, atol=tol)
+  model.mask_images = False
+  assert not np.allclose(run(batch["patches"])[0, 1:], run(changed)[0, 1:], rtol=tol, atol=tol)
 
 
 def test_every_model_option_trains(shard_dir):
@@ -141,7 +141,16 @@ def test_moe_model_trains_with_either_router(shard_dir, router):
                       "train.learning_rate": 1e-2, "train.warmup_steps": 1, "train.steps": 30})
   model = build_model(config["model"], info, 0)
   assert model.blocks[0].moe is not None and model.blocks[0].mlp_in is None
+  # The load-balancing loss of every MoE layer reaches the training loss, weighted by aux_weight.
+  logits, aux = model(batch["patches"], batch["patch_yx"], batch["segment_ids"], batch["image_grid"],
+                      return_aux_loss=True)
+  assert float(aux) > 0
+  plain, _ = slot_loss_and_accuracy(logits, batch["labels"])
   optimizer, _ = make_optimizer(model, config["train"])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", DeprecationWarning)  # no Module.sow outside nnx.capture
+    weighted = float(train_step(model, optimizer, batch, aux_weight=0.5)[0])
+  assert weighted == pytest.approx(float(plain) + 0.5 * float(aux), rel=1e-5)
   model.train()
   losses = [float(train_step(model, optimizer, batch, aux_weight=0.01)[0]) for _ in range(20)]
   assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
