@@ -5,7 +5,7 @@
 1. Packed NaViT vs the same model on padded one-image-per-row batches, equal tokens per batch, on the shard
    builder's reference size mix (aspect log-uniform in [1/3, 3], longer side uniform in [64, 512], patch 16).
 2. Masked attention overhead: the packed model's train step with vs without the segment mask.
-3. Input vs compute: producing a batch (index, gather, place) vs one train step; and reading shards with tf.data.
+3. Input vs compute: reading a batch from shards with the trainer's reader, and placing it, vs one train step.
 """
 
 import argparse
@@ -121,32 +121,37 @@ def main():
   print(f"   model FLOPs/step {flops / 1e9:.1f} GFLOP -> {flops / packed_t / 1e9:.1f} GFLOP/s achieved")
 
   print("\n3. input pipeline vs train step")
-  n_seq = 512
-  data = {k: np.repeat(v, n_seq // ROWS, axis=0) for k, v in packed_batches[0].items()}
+  read_t, n_seq = shard_read_seconds_per_batch()
+  print(f"   reading a {ROWS}-sequence batch from local shards (index lookup, pread, parse; {n_seq} sequences of "
+        f"{SEQ_LEN} tokens): {read_t * 1e3:.1f} ms vs train step {packed_t * 1e3:.1f} ms "
+        f"({read_t / packed_t:.1%} of a step; the trainer reads it on a thread while the previous step runs)")
   mesh = sharding.make_mesh(1, 1)
+  batch = packed_batches[0]
   start = time.perf_counter()
-  for step in range(50):
-    idx = batch_indices(n_seq, ROWS, step, 0)
-    jax.block_until_ready(sharding.shard_batch(mesh, {k: v[idx] for k, v in data.items()}))
-  input_t = (time.perf_counter() - start) / 50
-  print(f"   in-memory batch (index + gather + device_put): {input_t * 1e3:.2f} ms vs train step "
-        f"{packed_t * 1e3:.1f} ms ({input_t / packed_t:.1%} of a step)")
-  read_t = tfdata_read_seconds_per_sequence()
-  print(f"   tf.data read+parse of shards: {read_t * 1e3:.2f} ms per sequence (L=256) -> "
-        f"{read_t * ROWS * 1e3:.1f} ms per {ROWS}-sequence batch, done once per run before training")
+  for _ in range(20):
+    jax.block_until_ready(sharding.shard_batch(mesh, batch))
+  print(f"   placing it on the device: {(time.perf_counter() - start) / 20 * 1e3:.2f} ms")
 
 
-def tfdata_read_seconds_per_sequence() -> float:
+def shard_read_seconds_per_batch() -> tuple[float, int]:
+  """Median time to read one batch of ROWS random sequences with the trainer's own reader."""
   from beam_jobs.build_shards import ShardOptions, build_shards
   from beam_jobs.synthetic import generate_synthetic
-  from trainers.input_pipeline import load_split
+  from trainers.input_pipeline import PackedRecords
   with tempfile.TemporaryDirectory() as tmp:
-    manifest = generate_synthetic(os.path.join(tmp, "data"), splits={"train": 600}, noise_levels=())
-    info = build_shards(manifest, os.path.join(tmp, "shards"), ShardOptions(num_shards=2))
-    load_split(os.path.join(tmp, "shards"), "train", info)  # warm: TensorFlow's import and first trace
-    start = time.perf_counter()
-    data = load_split(os.path.join(tmp, "shards"), "train", info)
-    return (time.perf_counter() - start) / len(data["labels"])
+    manifest = generate_synthetic(os.path.join(tmp, "data"), splits={"train": 1500}, noise_levels=())
+    build_shards(manifest, os.path.join(tmp, "shards"), ShardOptions(seq_len=SEQ_LEN, max_images=MAX_IMAGES,
+                                                                     num_shards=4))
+    records = PackedRecords(os.path.join(tmp, "shards"), "train")
+    records.read(batch_indices(len(records), ROWS, 0, 0))  # warm: TensorFlow's import and first parse
+    times = []
+    for step in range(1, 21):
+      start = time.perf_counter()
+      records.read(batch_indices(len(records), ROWS, step, 0))
+      times.append(time.perf_counter() - start)
+    n = len(records)
+    records.close()
+    return float(np.median(times)), n
 
 
 if __name__ == "__main__":

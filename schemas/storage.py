@@ -50,6 +50,20 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
+def read_range(path: str, start: int, length: int) -> bytes:
+  """`length` bytes from byte `start` (one ranged GET on gs://)."""
+  if is_gcs(path):
+    bucket, name = _split(path)
+    data = _gcs().bucket(bucket).blob(name).download_as_bytes(start=start, end=start + length - 1)
+  else:
+    with open(path, "rb") as f:
+      f.seek(start)
+      data = f.read(length)
+  if len(data) != length:
+    raise ValueError(f"{path}: wanted {length} bytes at byte {start}, the file holds {len(data)}")
+  return data
+
+
 def join(base: str, *parts: str) -> str:
   return "/".join([base.rstrip("/"), *parts]) if is_gcs(base) else os.path.join(base, *parts)
 

@@ -1,35 +1,110 @@
-"""Reads packed shards with tf.data into numpy, and serves the batch of step n as a pure function of
-(seed, n, data), so a resumed run sees exactly the batches an uninterrupted one would."""
+"""Packed shards as a random-access source, and the batch of step n as a pure function of (seed, n, data), so a
+resumed run sees exactly the batches an uninterrupted one would.
+
+The trainer never loads a split: `PackedRecords` indexes every record's (shard, offset, length) by walking the
+TFRecord length headers, then reads just the records a batch needs (local: pread; gs://: ranged GETs through
+google-cloud-storage, which honours STORAGE_EMULATOR_HOST) and parses them with TensorFlow. `prefetched` reads
+the next batches on a thread while the current step runs, so host memory holds a few batches, not the data.
+"""
+
+import concurrent.futures
+import os
+import struct
+import threading
 
 import numpy as np
-
-import struct
 
 from schemas import dataset_info as info_lib
 from schemas import storage
 
 MODEL_INPUTS = ("patches", "patch_yx", "segment_ids", "image_grid", "labels")
+_HEADER = 12  # u64 length, u32 masked crc of the length; the record, then a u32 crc of the data
+
+
+def record_extents(path: str) -> list[tuple[int, int]]:
+  """(offset of the data, length) of every record of one TFRecord file, reading only the headers."""
+  extents = []
+  with storage.open_file(path, "rb") as f:
+    size = f.seek(0, os.SEEK_END)
+    offset = f.seek(0)
+    while offset < size:
+      header = f.read(_HEADER)
+      (length,) = struct.unpack_from("<Q", header) if len(header) == _HEADER else (size,)
+      if offset + _HEADER + length + 4 > size:
+        raise ValueError(f"{path}: truncated TFRecord at byte {offset}")
+      extents.append((offset + _HEADER, length))
+      offset = f.seek(offset + _HEADER + length + 4)
+  return extents
+
+
+class PackedRecords:
+  """The packed sequences of one split, in shard then record order, read on demand."""
+
+  def __init__(self, shard_dir: str, split: str, info: dict | None = None):
+    info = info or info_lib.read_dataset_info(shard_dir)
+    self.spec = info_lib.packed_spec(info)
+    self.paths = info_lib.split_shard_paths(shard_dir, info, split)
+    index = [(shard, offset, length) for shard, path in enumerate(self.paths)
+             for offset, length in record_extents(path)]
+    if not index:
+      raise ValueError(f"{shard_dir}: split {split!r} holds no sequences")
+    self._index = np.asarray(index, np.int64)
+    self._fds: dict[int, int] = {}
+    self._lock = threading.Lock()
+    self._gcs = storage.is_gcs(shard_dir)
+    self._pool = concurrent.futures.ThreadPoolExecutor(16) if self._gcs else None
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def _read_one(self, i: int) -> bytes:
+    shard, offset, length = (int(v) for v in self._index[i])
+    if self._gcs:
+      return storage.read_range(self.paths[shard], offset, length)
+    with self._lock:
+      if shard not in self._fds:
+        self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+    data = os.pread(self._fds[shard], length, offset)
+    if len(data) != length:
+      raise ValueError(f"{self.paths[shard]}: truncated TFRecord at byte {offset - _HEADER}")
+    return data
+
+  def read(self, indices, fields=MODEL_INPUTS) -> dict[str, np.ndarray]:
+    """The records at `indices` (any order, repeats allowed) as numpy arrays [len(indices), ...]."""
+    import tensorflow as tf
+    indices = [int(i) for i in indices]
+    serialized = list(self._pool.map(self._read_one, indices)) if self._pool else [self._read_one(i) for i in indices]
+    parsed = self.spec.tf_parse(tf.constant(serialized, tf.string))
+    return {name: parsed[name].numpy() for name in fields}
+
+  def close(self):
+    for fd in self._fds.values():
+      os.close(fd)
+    self._fds.clear()
+    if self._pool:
+      self._pool.shutdown()
 
 
 def load_split(shard_dir: str, split: str, info: dict | None = None, fields=MODEL_INPUTS + ("example_ids",)):
-  """All packed sequences of one split as numpy arrays [N, ...], in shard then record order."""
-  import tensorflow as tf
-  info = info or info_lib.read_dataset_info(shard_dir)
-  spec = info_lib.packed_spec(info)
-  paths = info_lib.split_shard_paths(shard_dir, info, split)
-  if storage.is_gcs(shard_dir):
-    # Through google-cloud-storage (which honours STORAGE_EMULATOR_HOST), not TensorFlow's gs:// filesystem.
-    records = [r for p in paths for r in iter_tfrecords(storage.read_bytes(p), p)]
-    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(records, tf.string)).batch(256).map(spec.tf_parse)
-  else:
-    dataset = tf.data.TFRecordDataset(paths).batch(256).map(spec.tf_parse)
-  chunks = {name: [] for name in fields}
-  for batch in dataset.as_numpy_iterator():
-    for name in fields:
-      chunks[name].append(batch[name])
-  if not chunks[fields[0]]:
-    raise ValueError(f"{shard_dir}: split {split!r} holds no sequences")
-  return {name: np.concatenate(parts) for name, parts in chunks.items()}
+  """All packed sequences of one split as numpy arrays [N, ...] (for evaluation splits, which are small)."""
+  records = PackedRecords(shard_dir, split, info)
+  try:
+    chunks = [records.read(range(s, min(s + 256, len(records))), fields) for s in range(0, len(records), 256)]
+  finally:
+    records.close()
+  return {name: np.concatenate([c[name] for c in chunks]) for name in fields}
+
+
+def prefetched(read_step, steps, depth: int = 2):
+  """Yields (step, read_step(step)) for each step, reading up to `depth` steps ahead on a thread."""
+  steps = list(steps)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    pending = [pool.submit(read_step, s) for s in steps[:depth]]
+    for n, step in enumerate(steps):
+      batch = pending.pop(0).result()
+      if n + depth < len(steps):
+        pending.append(pool.submit(read_step, steps[n + depth]))
+      yield step, batch
 
 
 def batch_indices(num_sequences: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -41,18 +116,3 @@ def batch_indices(num_sequences: int, batch_size: int, step: int, seed: int) -> 
     order = np.random.default_rng([seed, epoch]).permutation(num_sequences)
     out.extend(order[offset:offset + batch_size - len(out)])
   return np.asarray(out)
-
-
-def iter_tfrecords(data: bytes, where: str):
-  """Records of a TFRecord file's bytes: [u64 length][u32 crc][data][u32 crc] each (CRCs not re-checked;
-  a truncated file is an error naming it)."""
-  offset = 0
-  while offset < len(data):
-    if offset + 12 > len(data):
-      raise ValueError(f"{where}: truncated TFRecord header at byte {offset}")
-    (length,) = struct.unpack_from("<Q", data, offset)
-    start, end = offset + 12, offset + 12 + length
-    if end + 4 > len(data):
-      raise ValueError(f"{where}: truncated TFRecord at byte {offset}")
-    yield data[start:end]
-    offset = end + 4

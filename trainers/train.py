@@ -25,7 +25,7 @@ from schemas.lineage import write_lineage
 from schemas.errors import ContractError
 from trainers import checkpointing, sharding
 from trainers.configs import apply_overrides, load_config
-from trainers.input_pipeline import MODEL_INPUTS, batch_indices, load_split
+from trainers.input_pipeline import MODEL_INPUTS, PackedRecords, batch_indices, load_split, prefetched
 from trainers.model import build_model
 
 
@@ -140,14 +140,14 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
   if tc["batch_size"] % config["mesh"]["data"]:
     raise ContractError(f"train.batch_size ({tc['batch_size']}) must be divisible by mesh.data "
                         f"({config['mesh']['data']})")
-  train_data = load_split(data_dir, "train", info)
+  train_records = PackedRecords(data_dir, "train", info)  # read batch by batch; the split is never loaded
   val_data = load_split(data_dir, "val", info) if "val" in info["splits"] else None
   model = build_model(config["model"], info, config["seed"])
   optimizer, schedule = make_optimizer(model, tc)
   sharding.shard_nodes(mesh, model, optimizer)
   manager = checkpointing.checkpoint_manager(workdir, tc["keep_checkpoints"])
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  num_sequences = len(train_data["labels"])
+  num_sequences = len(train_records)
   start = checkpointing.restore_latest(manager, model, optimizer,
                                        expect_position=data_position(0, config, info, num_sequences)) or 0
   _truncate_metrics(metrics_path, start)
@@ -160,12 +160,13 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
   model.train()
   window_start, window_images, window_steps = time.perf_counter(), 0, 0
   loss = float("nan")
-  for step in range(start + 1, tc["steps"] + 1):
-    idx = batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"])
-    batch = sharding.shard_batch(mesh, {k: train_data[k][idx] for k in MODEL_INPUTS})
+  read_step = lambda step: train_records.read(
+      batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"]))
+  for step, host_batch in prefetched(read_step, range(start + 1, tc["steps"] + 1)):
+    batch = sharding.shard_batch(mesh, host_batch)
     loss, accuracy = train_step(model, optimizer, batch, label_smoothing=tc["label_smoothing"],
                                 aux_weight=config["model"]["moe"]["aux_weight"])
-    window_images += int((train_data["labels"][idx] >= 0).sum())
+    window_images += int((host_batch["labels"] >= 0).sum())
     window_steps += 1
     is_log, is_save = step % tc["log_every"] == 0 or step == tc["steps"], step % tc["checkpoint_every"] == 0
     if is_log or is_save or step == tc["steps"]:
@@ -193,6 +194,7 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
     if is_save or step == tc["steps"]:
       checkpointing.save(manager, step, model, optimizer, data_position(step, config, info, num_sequences))
   manager.wait_until_finished()
+  train_records.close()
   summaries.flush()
   final = {"step": tc["steps"], "loss": float(loss), "params_sha256": checkpointing.params_sha256(model)}
   if val_data is not None:

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from trainers.configs import apply_overrides, load_config
-from trainers.input_pipeline import iter_tfrecords, load_split
+from trainers.input_pipeline import PackedRecords, load_split, record_extents
 from trainers.train import train
 
 
@@ -36,6 +36,19 @@ def test_missing_remote_dataset_is_a_clear_error(gcs_emulator):
     load_split("gs://patchflow-test/nothing", "train")
 
 
-def test_truncated_tfrecord_names_the_file():
-  with pytest.raises(ValueError, match="x.tfrecord: truncated"):
-    list(iter_tfrecords(b"\x10\x00\x00\x00\x00\x00\x00\x00abcdxx", "x.tfrecord"))
+def test_remote_records_are_read_by_range_in_any_order(gcs_emulator, shard_dir):
+  _upload(gcs_emulator, shard_dir, "datasets/ranged")
+  local, remote = PackedRecords(str(shard_dir), "train"), PackedRecords("gs://patchflow-test/datasets/ranged", "train")
+  order = [len(local) - 1, 0, 3, 3, 1]
+  a, b = local.read(order), remote.read(order)
+  for key in a:
+    assert (a[key] == b[key]).all()
+  local.close(), remote.close()
+
+
+@pytest.mark.parametrize("tail, where", [(b"\x10\x00\x00", "byte 0"), (b"\x10" + b"\x00" * 11 + b"abcdxx", "byte 0")])
+def test_truncated_tfrecord_names_the_file_and_byte(tmp_path, tail, where):
+  path = tmp_path / "x.tfrecord"
+  path.write_bytes(tail)
+  with pytest.raises(ValueError, match=f"x.tfrecord: truncated TFRecord at {where}"):
+    record_extents(str(path))
