@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from trainers.moe import MoEFeedForward
+from trainers.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _NEG = -1e9  # finite, so rows that see no key at all (padding) stay free of NaN
@@ -61,7 +62,8 @@ class Block(nnx.Module):
 
   def _attend(self, y, mask):
     b, length, width = y.shape
-    q, k, v = (t.reshape(b, length, self.heads, width // self.heads) for t in jnp.split(self.qkv(y), 3, -1))
+    q, k, v = (constrain(t.reshape(b, length, self.heads, width // self.heads), "heads")
+               for t in jnp.split(self.qkv(y), 3, -1))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     return self.dropout(self.out(_attention(q, k, v, mask).reshape(b, length, width)))
@@ -71,7 +73,8 @@ class Block(nnx.Module):
     if self.moe is not None:
       update, aux = self.moe(y, token_mask)
       return self.dropout(update.astype(y.dtype)), aux["load_balancing_loss"]
-    return self.dropout(self.mlp_out(jax.nn.gelu(self.mlp_in(y)))), jnp.zeros((), jnp.float32)
+    hidden = constrain(jax.nn.gelu(self.mlp_in(y)), "hidden")
+    return self.dropout(self.mlp_out(hidden)), jnp.zeros((), jnp.float32)
 
   def __call__(self, x, mask, token_mask=None):
     """-> (x, auxiliary loss). The loss is returned, not sown, so no caller has to collect hidden state."""
@@ -162,7 +165,7 @@ class NaViT(nnx.Module):
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
     aux_loss = jnp.zeros((), jnp.float32)
     for block in self.blocks:
-      x, block_aux = block(x, mask, segment_ids > 0)
+      x, block_aux = block(constrain(x, "tokens"), mask, segment_ids > 0)
       aux_loss = aux_loss + block_aux
     x = self.norm(x)
     slots = (segment_ids[..., None] == jnp.arange(1, self.max_images + 1)).astype(x.dtype)  # [B, L, M]

@@ -3,7 +3,9 @@
 Parameters and optimizer state follow one rule table (matched against the end of each variable's path):
 FSDP shards a weight's input dimension over "data", tensor parallelism its output dimension over "model"
 (and the reverse for the second matmul of a pair, so no activation is gathered between them). A dimension
-that the axis size does not divide stays replicated. Batches are sharded over "data"; activations follow.
+that the axis size does not divide stays replicated. Batches are sharded over "data", and the model pins its
+activations with ACTIVATION_RULES (batch over "data", heads and MLP hidden units over "model") rather than
+leaving their layout to the compiler's propagation.
 """
 
 import re
@@ -25,6 +27,24 @@ RULES = (
     (r"moe/w_(in|out)$", ("model", None, None)),  # experts over the model axis
     (r"moe/b_(in|out)$", ("model", None)),
 )
+
+# Activation layouts by what they hold; applied by `constrain` inside the model when a mesh is set.
+ACTIVATION_RULES = {
+    "tokens": ("data", None, None),           # [B, L, D] residual stream
+    "heads": ("data", None, "model", None),   # [B, L, H, d] queries, keys, values per head
+    "hidden": ("data", None, "model"),        # [B, L, mlp_dim] MLP hidden units
+}
+
+
+def constrain(x, kind: str):
+  """`x` pinned to ACTIVATION_RULES[kind] on the mesh set by `jax.set_mesh`; unchanged without one. An axis
+  that does not divide its dimension is dropped, as for parameters."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = ACTIVATION_RULES[kind]
+  spec = P(*(a if a is not None and x.shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(axes)))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def make_mesh(data: int, model: int) -> Mesh:

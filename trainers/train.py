@@ -164,8 +164,9 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
       batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"]))
   for step, host_batch in prefetched(read_step, range(start + 1, tc["steps"] + 1)):
     batch = sharding.shard_batch(mesh, host_batch)
-    loss, accuracy = train_step(model, optimizer, batch, label_smoothing=tc["label_smoothing"],
-                                aux_weight=config["model"]["moe"]["aux_weight"])
+    with jax.set_mesh(mesh):  # the model pins its activations to this mesh (sharding.ACTIVATION_RULES)
+      loss, accuracy = train_step(model, optimizer, batch, label_smoothing=tc["label_smoothing"],
+                                  aux_weight=config["model"]["moe"]["aux_weight"])
     window_images += int((host_batch["labels"] >= 0).sum())
     window_steps += 1
     is_log, is_save = step % tc["log_every"] == 0 or step == tc["steps"], step % tc["checkpoint_every"] == 0

@@ -57,6 +57,25 @@ def test_sharding_rules_split_weights_over_both_axes():
   assert tuple(spec_for("norm/scale", (64,), FakeMesh())) == ()
 
 
+def test_activations_are_pinned_by_rule_on_a_2x2_mesh():
+  script = textwrap.dedent("""
+      import jax, numpy as np
+      from trainers.sharding import constrain, make_mesh
+      x = np.ones((4, 8, 6), np.float32)
+      assert constrain(x, "hidden") is x  # no mesh set: unchanged
+      with jax.set_mesh(make_mesh(2, 2)):
+        hidden = jax.jit(lambda x: constrain(x * 2, "hidden"))(x)
+        odd = jax.jit(lambda x: constrain(x * 2, "hidden"))(np.ones((4, 8, 3), np.float32))
+        heads = jax.jit(lambda x: constrain(x * 2, "heads"))(np.ones((4, 8, 2, 5), np.float32))
+      spec = lambda a: tuple(a.sharding.spec) + (None,) * (a.ndim - len(a.sharding.spec))
+      assert spec(hidden) == ("data", None, "model"), hidden.sharding
+      assert spec(odd) == ("data", None, None), odd.sharding  # 3 units do not split over 2
+      assert spec(heads) == ("data", None, "model", None), heads.sharding
+      print("PINNED-OK")
+  """)
+  run_with_cpu_devices(script, 4, marker="PINNED-OK")
+
+
 def _wait_for_step(path, step, proc, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
