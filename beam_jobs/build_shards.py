@@ -3,8 +3,10 @@ write deterministic TFRecord shards, with dataset_info.json and errors.jsonl bes
 
   source ──► Plan ──► windows ──► PackWindow ─────────┬──► (split, shard) ──► WriteShard ──► WriteInfo
   (manifest/  (reads    (hash of   first line of an id │      ▲
-   synthetic/  headers)  the id)    wins; best-fit      └► tail pool ─► PackTail
-   tfds)                            decreasing
+   synthetic/  headers,  the id)    wins; best-fit      └► tail pool ─► PackTail
+   tfds)       checks               decreasing
+               files
+               whole)
 
 Only metadata travels through the shuffles: the pixels are decoded once, by the worker that writes the shard,
 so the job's memory and shuffle volume do not grow with image size. Run it as a library (`build_shards(...)`)
@@ -196,7 +198,8 @@ def decode_error(location: str, error: Exception) -> ExampleError:
 
 
 def plan_example(example: SourceExample, options: ShardOptions) -> Planned:
-  """Reads the header of the (first) image and decides the example's patch grid and kept token count."""
+  """Reads the example's image (every frame of a video), checks that it is whole (cheaply:
+  `image_ops.whole_image_size`), and decides the patch grid and kept token count from its header."""
   record = example.record
   frames = 1
   if record.video is not None:
@@ -209,12 +212,16 @@ def plan_example(example: SourceExample, options: ShardOptions) -> Planned:
     if frames > options.max_patches_per_image:
       raise ExampleError("too_many_frames", f"record {record.id!r}: {frames} frames do not fit a budget of "
                                             f"{options.max_patches_per_image} patches")
-  data = read_location(example, 0)
-  try:
-    with image_ops.open_image(data) as image:
-      height, width = image_ops.oriented_size(image)
-  except Exception as e:  # noqa: BLE001 - PIL raises many types for bad headers.
-    raise decode_error(example.locations[0], e) from None
+  # Every frame is read and checked whole here, so that packing only places images the writer can decode;
+  # the grid comes from the first frame.
+  for frame in range(frames):
+    data = read_location(example, frame)
+    try:
+      size = image_ops.whole_image_size(data)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
+      raise decode_error(example.locations[frame], e) from None
+    if frame == 0:
+      height, width = size
   budget = options.sampling.budget(options.seed, record.id, options.max_patches_per_image)
   resample = budget is not None
   per_frame = max(1, (options.max_patches_per_image if budget is None else budget) // frames)
@@ -508,8 +515,9 @@ class WriteShard(beam.DoFn):
   """(split, shard, n) and its examples -> one shard file, written once under a temporary name and renamed.
 
   Sequences are in the order of their content hash and examples in their slot order, so the bytes depend only
-  on the inputs and options. An example that fails to decode here (a truncated file passes the header check)
-  leaves its sequence one image short and becomes an error row.
+  on the inputs and options. Planning has checked every file whole, so a decode failure here is rare (pixel
+  data that is corrupt inside a whole file, or a file changed since planning); such an example leaves its
+  sequence one image short and becomes an error row.
   """
 
   def __init__(self, output_dir: str, options: ShardOptions):

@@ -198,9 +198,49 @@ def test_every_kind_of_bad_input_goes_to_errors_jsonl_and_the_job_finishes(tmp_p
   assert "first seen on line 1" in errors[-1]["detail"]
   assert info["num_errors"] == len(EXPECTED_ERRORS) and info["num_manifest_lines"] == 31
   assert info["errors_by_reason"] == {reason: 1 for _, _, reason in EXPECTED_ERRORS}
-  assert info["num_examples"] == 20  # the truncated and corrupt images were packed, then dropped at decoding
+  assert info["num_examples"] == 20  # the truncated and corrupt images were found while planning
   ids = {rid for _, ex in _read_shards(out) for _, rid, _ in _slots(ex)}
   assert ids == {json.loads(l)["id"] for l in (synthetic_dir / "manifest.jsonl").read_text().splitlines()[:20]}
+
+
+def test_truncated_images_are_quarantined_before_packing_so_sequences_are_whole(tmp_path, synthetic_dir):
+  lines = (synthetic_dir / "manifest.jsonl").read_text().splitlines()[:24]
+  good = [json.loads(l) for l in lines]
+  for rec in good:
+    rec["image"] = str(synthetic_dir / rec["image"])
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  jpeg, png = _jpeg(noise), _png(noise)
+  (tmp_path / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+  (tmp_path / "cut.png").write_bytes(png[:len(png) - 100])  # most pixels there, the end cut off
+  bad = {5: {"id": "cut-jpeg", "image": str(tmp_path / "cut.jpg"), "label": 0},
+         17: {"id": "cut-png", "image": str(tmp_path / "cut.png"), "label": 1}}
+  rows = list(good)
+  for line in sorted(bad):
+    rows.insert(line - 1, bad[line])
+  (tmp_path / "dirty.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (tmp_path / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+  options = ShardOptions(seq_len=128, max_images=8, max_patches_per_image=32, num_shards=2, max_error_fraction=0.5)
+  info = build_shards(str(tmp_path / "dirty.jsonl"), str(tmp_path / "dirty"), options)
+  errors = [json.loads(l) for l in (tmp_path / "dirty" / "errors.jsonl").read_text().splitlines()]
+  assert [(e["line"], e["id"], e["reason"]) for e in errors] == [(5, "cut-jpeg", "truncated_image"),
+                                                                 (17, "cut-png", "truncated_image")]
+  assert "cut.jpg" in errors[0]["detail"] and "cut.png" in errors[1]["detail"]
+  assert info["num_examples"] == len(good) and info["num_manifest_lines"] == len(rows)
+  # Packing never saw the bad files: the shards are those of the manifest without them, byte for byte.
+  build_shards(str(tmp_path / "clean.jsonl"), str(tmp_path / "clean"), options)
+  _same_shards(tmp_path / "clean", tmp_path / "dirty")
+  by_id = {r["id"]: r for r in good}
+  written = []
+  for _, ex in _read_shards(tmp_path / "dirty"):
+    slots = list(_slots(ex))
+    assert sorted(set(ex["segment_ids"].tolist()) - {0}) == list(range(1, len(slots) + 1))
+    for slot, rid, mask in slots:
+      written.append(rid)
+      rows_, cols = ex["image_grid"][slot]
+      source = image_ops.decode_rgb(open(by_id[rid]["image"], "rb").read())
+      np.testing.assert_array_equal(image_ops.unpatchify(ex["patches"][mask], rows_, cols, 16),
+                                    image_ops.resize_to_grid(source, rows_, cols, 16))
+  assert sorted(written) == sorted(by_id)
 
 
 def test_too_many_errors_fail_with_a_clear_message_after_writing_the_report(tmp_path, synthetic_dir):
