@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import math
+import pickle
 import re
 import sys
 import time
@@ -36,6 +37,9 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 from PIL import UnidentifiedImageError
 
 from beam_jobs import image_ops, packing, tfrecord
@@ -49,6 +53,7 @@ from schemas.packed import FINGERPRINT, SCHEMA_VERSION, PackedSpec
 
 NAMESPACE = "build_shards"
 REMOTE_READ_THREADS = 16
+PLAN_BATCH = 1024  # plans per element after planning
 ERROR_REASONS = ("not_json", "invalid_record", "no_image", "duplicate_id", "missing_file", "unreadable_file",
                  "empty_file", "not_an_image", "truncated_image", "undecodable_image", "unsupported_video",
                  "too_many_frames")
@@ -248,23 +253,47 @@ class Unplannable:
     return self.example.record.line
 
 
+def to_blob(items: list) -> bytes:
+  """Plans (or anything picklable) as one pickled element. After planning, plans travel in blobs of many: Beam
+  encodes, sizes (it samples element sizes by encoding them) and moves one bytes object far more cheaply than
+  a list of dataclasses, each pickled on its own, or one element per plan."""
+  return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+
+
+def from_blob(blob: bytes) -> list:
+  return pickle.loads(blob)
+
+
 class PlanExamples(beam.DoFn):
+  """SourceExample -> blobs of up to PLAN_BATCH Planned / Unplannable (in arrival order, which nothing after
+  depends on)."""
+
   def __init__(self, options: ShardOptions):
     self._options = options
     self._planned = Metrics.counter(NAMESPACE, "examples_planned")
     self._failed = Metrics.counter(NAMESPACE, "examples_failed_planning")
     self._progress = _Progress("examples planned")
+    self._batch: list = []
+
+  def start_bundle(self):
+    self._batch = []
 
   def process(self, example):  # a SourceExample (no annotation: Beam would type-check it against inferred unions)
     try:
-      planned = plan_example(example, self._options)
+      self._batch.append(plan_example(example, self._options))
+      self._planned.inc()
+      self._progress.add()
     except ExampleError as e:
       self._failed.inc()
-      yield Unplannable(example, e.reason, e.detail)
-      return
-    self._planned.inc()
-    self._progress.add()
-    yield planned
+      self._batch.append(Unplannable(example, e.reason, e.detail))
+    if len(self._batch) >= PLAN_BATCH:
+      yield to_blob(self._batch)
+      self._batch = []
+
+  def finish_bundle(self):
+    if self._batch:
+      yield WindowedValue(to_blob(self._batch), MIN_TIMESTAMP, [GlobalWindow()])
+      self._batch = []
 
 
 # ------------------------------------------------------------------------------------------------------- packing
@@ -279,15 +308,25 @@ def split_stats(planned: Iterable["Planned | Unplannable"]) -> dict[str, tuple[i
   return out
 
 
+def split_tokens(blob: bytes):
+  """A blob of plans -> (split, (examples, tokens)) per split in it, summed by the job into `split_stats`."""
+  yield from split_stats(from_blob(blob)).items()
+
+
 def shards_for_split(stats: tuple[int, int], options: ShardOptions) -> int:
   """Shards of a split: `num_shards`, fewer for a split too small to give every shard a sequence."""
   return max(1, min(options.num_shards, math.ceil(stats[1] / options.seq_len)))
 
 
-def window_key(item: "Planned | Unplannable", stats: dict[str, tuple[int, int]], options: ShardOptions):
-  """Windows by a hash of the id over all splits, so all records of one id meet in one window."""
+def window_batches(blob: bytes, stats: dict[str, tuple[int, int]], options: ShardOptions):
+  """A blob of plans -> (window, blob) per window it touches. Windows by a hash of the id over all splits, so
+  all records of one id meet in one window."""
   windows = packing.num_windows(sum(count for count, _ in stats.values()), options.window_size)
-  return packing.window_of(item.id, windows), item
+  by_window: dict[int, list] = {}
+  for item in from_blob(blob):
+    by_window.setdefault(packing.window_of(item.id, windows), []).append(item)
+  for window, items in sorted(by_window.items()):
+    yield window, to_blob(items)
 
 
 def bin_hash(split: str, ids: list[str]) -> str:
@@ -295,8 +334,8 @@ def bin_hash(split: str, ids: list[str]) -> str:
 
 
 def assign_bins(split: str, bins: list[list[Planned]], salt: str, num_shards: int):
-  """Bins -> ((split, shard, n), [(bin hash, slot, planned), ...]), one element per shard that gets bins
-  (Beam moves a few big elements much more cheaply than many small ones). Bins are ordered by a hash of their
+  """Bins -> ((split, shard, n), blob of [(bin hash, slot, planned), ...]), one element per shard that gets
+  bins (Beam moves a few big elements much more cheaply than many small ones). Bins are ordered by a hash of their
   content and dealt round-robin from an offset drawn from `salt`, so shards are balanced and the assignment
   depends only on the content."""
   hashed = sorted((bin_hash(split, [p.id for p in b]), b) for b in bins)
@@ -305,7 +344,8 @@ def assign_bins(split: str, bins: list[list[Planned]], salt: str, num_shards: in
   for rank, (h, members) in enumerate(hashed):
     key = (split, (offset + rank) % num_shards, num_shards)
     per_shard.setdefault(key, []).extend((h, slot, p) for slot, p in enumerate(members))
-  yield from sorted(per_shard.items(), key=lambda kv: kv[0])
+  for key in sorted(per_shard):
+    yield key, to_blob(per_shard[key])
 
 
 def pack_planned(planned: list[Planned], options: ShardOptions) -> list[list[Planned]]:
@@ -325,8 +365,9 @@ class PackWindow(beam.DoFn):
     self._tail = Metrics.counter(NAMESPACE, "examples_to_tail_pool")
     self._duplicates = Metrics.counter(NAMESPACE, "duplicate_ids")
 
-  def process(self, window_and_items, stats):
-    window, items = window_and_items
+  def process(self, window_and_blobs, stats):
+    window, blobs = window_and_blobs
+    items = [item for blob in blobs for item in from_blob(blob)]
     opts = self._options
     by_id: dict[str, list] = {}
     max_label = -1
@@ -353,12 +394,12 @@ class PackWindow(beam.DoFn):
                              shards_for_split(stats[split], opts))
       self._tail.inc(len(tail))
       if tail:
-        yield beam.pvalue.TaggedOutput("tail", (split, [planned[k] for k, _ in tail]))
+        yield beam.pvalue.TaggedOutput("tail", (split, to_blob([planned[k] for k, _ in tail])))
 
 
-def pack_tail(split_and_batches, stats, options: ShardOptions):
-  split, batches = split_and_batches
-  bins = pack_planned([p for batch in batches for p in batch], options)
+def pack_tail(split_and_blobs, stats, options: ShardOptions):
+  split, blobs = split_and_blobs
+  bins = pack_planned([p for blob in blobs for p in from_blob(blob)], options)
   yield from assign_bins(split, bins, "tail", shards_for_split(stats[split], options))
 
 
@@ -410,48 +451,58 @@ def read_ahead(planned: list[Planned], threads: int = REMOTE_READ_THREADS):
       yield result
 
 
-def render_example(planned: Planned, options: ShardOptions, frames: list[bytes] | None = None) -> dict[str, Any]:
-  """Decodes, resizes and patchifies one planned example (every frame of a video), then drops tokens."""
+def render_example(planned: Planned, options: ShardOptions, frames: list[bytes] | None = None,
+                   out: np.ndarray | None = None) -> dict[str, Any]:
+  """Decodes, resizes and patchifies one planned example (every frame of a video), then drops tokens. The kept
+  patches go to `out` when given (rows of the sequence's patch buffer, at least `planned.tokens` of them), so
+  each patch is copied once, from the decoded image to the record; `patches` in the result is that view."""
   p, rows, cols = options.patch_size, planned.rows, planned.cols
   frames = read_frames(planned) if frames is None else frames
-  all_patches, all_yx, all_t = [], [], []
+  per_frame = rows * cols
+  total = planned.frames * per_frame
+  kept = options.dropping.kept_indices(options.seed, planned.id, total, options.max_patches_per_image)
+  if len(kept) != planned.tokens:  # cannot happen: both come from the same seeded draw.
+    raise AssertionError(f"{planned.id}: planned {planned.tokens} tokens, rendered {len(kept)}")
+  patch_dim = p * p * 3
+  if out is None:
+    out = np.empty((len(kept), patch_dim), np.uint8)
+  dropping = len(kept) < total
+  target = np.empty((total, patch_dim), np.uint8) if dropping else out[:total]
   for frame, data in enumerate(frames):
     try:
       pixels = image_ops.decode_rgb(data, (rows * p, cols * p))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
       raise decode_error(planned.example.locations[frame], e) from None
-    patches, yx = image_ops.patchify(image_ops.resize_to_grid(pixels, rows, cols, p), p)
-    all_patches.append(patches)
-    all_yx.append(yx)
-    all_t.append(np.full(len(patches), frame, np.int32))
-  if planned.frames == 1:
-    patches, yx, t = all_patches[0], all_yx[0], all_t[0]
-  else:
-    patches, yx, t = np.concatenate(all_patches), np.concatenate(all_yx), np.concatenate(all_t)
-  total = len(patches)
-  kept = options.dropping.kept_indices(options.seed, planned.id, total, options.max_patches_per_image)
-  if len(kept) != planned.tokens:  # cannot happen: both come from the same seeded draw.
-    raise AssertionError(f"{planned.id}: planned {planned.tokens} tokens, rendered {len(kept)}")
-  if len(kept) < total:
-    patches, yx, t = patches[kept], yx[kept], t[kept]
+    image_ops.patchify_into(image_ops.resize_to_grid(pixels, rows, cols, p), p,
+                            target[frame * per_frame:(frame + 1) * per_frame])
+  yx = image_ops.patch_positions(rows, cols)
+  if planned.frames > 1:
+    yx = np.tile(yx, (planned.frames, 1))
+  t = np.repeat(np.arange(planned.frames, dtype=np.int32), per_frame)
+  if dropping:
+    out[:len(kept)] = target[kept]
+    yx, t = yx[kept], t[kept]
   record = planned.example.record
   text = text_lib.tokenize(record.text, options.tokenizer) if options.text_len and record.text else None
   boxes = np.asarray(record.boxes or np.zeros((0, 4)), dtype="<f4").reshape(-1, 4)
-  return {"id": record.id, "label": record.label, "patches": patches, "yx": yx, "t": t,
+  return {"id": record.id, "label": record.label, "patches": out[:len(kept)], "yx": yx, "t": t,
           "grid": (rows, cols), "text_tokens": text, "boxes": boxes, "dropped": total - len(kept)}
 
 
-def sequence_fields(examples: list[dict[str, Any]], spec: PackedSpec) -> tuple[dict[str, np.ndarray], list, int]:
+def sequence_fields(examples: list[dict[str, Any]], spec: PackedSpec,
+                    patch_buffer: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list, int]:
   """Lays out the examples of one bin as one fixed-shape packed example (segment m = slot m-1). Returns every
   field but `patches`, the patches as a list of buffers whose concatenation is that field (so the big array is
   copied once, when the record is serialized), and the number of text tokens cut because the sequence's text
-  budget was full."""
+  budget was full. `patch_buffer`: the [L, p*p*3] array the examples' patches were rendered into, in slot order
+  from row 0, zero after them; it is then the one chunk."""
   out = {name: value for name, value in spec.empty().items() if name != "patches"}
   chunks = []
   pos, text_pos, text_cut = 0, 0, 0
   for slot, ex in enumerate(examples):
     n = len(ex["patches"])
-    chunks.append(memoryview(np.ascontiguousarray(ex["patches"], dtype=np.uint8)).cast("B"))
+    if patch_buffer is None:
+      chunks.append(memoryview(np.ascontiguousarray(ex["patches"], dtype=np.uint8)).cast("B"))
     out["patch_yx"][pos:pos + n] = ex["yx"]
     if spec.video:
       out["patch_t"][pos:pos + n] = ex["t"]
@@ -469,7 +520,9 @@ def sequence_fields(examples: list[dict[str, Any]], spec: PackedSpec) -> tuple[d
     pos += n
   if pos > spec.seq_len:
     raise AssertionError(f"{pos} tokens packed into a sequence of {spec.seq_len}")
-  if pos < spec.seq_len:
+  if patch_buffer is not None:
+    chunks = [patch_buffer.reshape(-1)]
+  elif pos < spec.seq_len:
     chunks.append(bytes((spec.seq_len - pos) * spec.patch_dim))
   return out, chunks, text_cut
 
@@ -531,8 +584,8 @@ class WriteShard(beam.DoFn):
     (split, shard, num_shards), items = key_and_items
     opts, spec = self._options, self._options.spec
     bins: dict[str, list[tuple[int, Planned]]] = {}
-    for batch in items:
-      for h, slot, planned in batch or ():  # None: the marker of a shard that may get no bin
+    for blob in items:
+      for h, slot, planned in from_blob(blob) if blob is not None else ():  # None: a shard's marker
         bins.setdefault(h, []).append((slot, planned))
     rel, path = shard_path(self._output_dir, split, shard, num_shards)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
@@ -545,20 +598,25 @@ class WriteShard(beam.DoFn):
       ordered = [(h, [planned for _, planned in sorted(bins[h], key=lambda sp: sp[0])]) for h in sorted(bins)]
       reads = read_ahead([planned for _, members in ordered for planned in members])
       for h, members in ordered:
-        examples = []
+        examples, pos, failed = [], 0, False
+        buffer = np.zeros((spec.seq_len, spec.patch_dim), np.uint8)  # the record's patches, rendered in place
         for planned in members:
           frames, error = next(reads)
           try:
             if error is not None:
               raise error
-            examples.append(render_example(planned, opts, frames))
+            examples.append(render_example(planned, opts, frames, buffer[pos:]))
+            pos += len(examples[-1]["patches"])
           except ExampleError as e:
+            failed = True
             self._failed.inc()
             yield beam.pvalue.TaggedOutput("errors", error_row(planned.line, planned.id, e.reason, e.detail))
         if not examples:
           continue
-        fields, chunks, text_cut = sequence_fields(examples, spec)
-        for piece in tfrecord.frame_pieces(encode_sequence(fields, chunks, spec)):
+        if failed:
+          buffer[pos:] = 0  # a failed example may have written some rows
+        fields, chunks, text_cut = sequence_fields(examples, spec, buffer)
+        for piece in tfrecord.record_pieces(*sequence_pieces(fields, chunks, spec)):
           f.write(piece)
           digest.update(piece)
         stats["num_sequences"] += 1
@@ -657,16 +715,14 @@ class BuildShards(beam.PTransform):
   def expand(self, source):
     opts = self._options
     examples, source_errors = source["examples"], source["errors"]
-    planned = examples | "Plan" >> beam.ParDo(PlanExamples(opts))
+    planned = examples | "Plan" >> beam.ParDo(PlanExamples(opts))  # blobs of plans
     stats = (planned
-             | "SplitTokens" >> beam.FlatMap(lambda p: [(p.split, (1, p.tokens))] if isinstance(p, Planned) else [])
+             | "SplitTokens" >> beam.FlatMap(split_tokens)
              | "SumPerSplit" >> beam.CombinePerKey(_sum_pairs))
     stats_side = beam.pvalue.AsDict(stats)
     windows = (planned
-               | "KeyByWindow" >> beam.Map(window_key, stats_side, opts)
-               # A list-building combiner, not a GroupByKey: it is lifted ahead of the shuffle, which then
-               # moves one list per window and bundle instead of one element per example.
-               | "GroupByWindow" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
+               | "KeyByWindow" >> beam.FlatMap(window_batches, stats_side, opts)
+               | "GroupByWindow" >> beam.GroupByKey()
                | "PackWindow" >> beam.ParDo(PackWindow(opts), stats_side).with_outputs(
                    "tail", "errors", "labels", main="assigned"))
     tail = (windows.tail

@@ -1,5 +1,6 @@
 """Pure image functions of the shard builder: open, decode to RGB, fit to a patch grid, resize, patchify."""
 
+import functools
 import io
 import math
 import struct
@@ -198,10 +199,27 @@ def patchify(pixels: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarra
   patch; patches in raster order) and their grid positions int32 [rows*cols, 2]."""
   height, width, channels = pixels.shape
   rows, cols = height // patch_size, width // patch_size
-  patches = pixels.reshape(rows, patch_size, cols, patch_size, channels).transpose(0, 2, 1, 3, 4)
-  patches = patches.reshape(rows * cols, patch_size * patch_size * channels)
+  out = np.empty((rows * cols, patch_size * patch_size * channels), np.uint8)
+  patchify_into(pixels, patch_size, out)
+  return out, patch_positions(rows, cols).copy()
+
+
+def patchify_into(pixels: np.ndarray, patch_size: int, out: np.ndarray) -> None:
+  """Writes patchify's patches of `pixels` into `out` (C-contiguous, [rows*cols, p*p*3]) with one copy: the
+  shard writer passes rows of the sequence's own patch buffer, so no patch is copied twice."""
+  height, width, channels = pixels.shape
+  rows, cols, p = height // patch_size, width // patch_size, patch_size
+  np.copyto(out.reshape(rows, cols, p, p * channels),
+            pixels.reshape(rows, p, cols, p * channels).transpose(0, 2, 1, 3))
+
+
+@functools.lru_cache(maxsize=4096)
+def patch_positions(rows: int, cols: int) -> np.ndarray:
+  """(row, column) of each patch of a rows x cols grid in raster order, int32 [rows*cols, 2] (read-only, shared)."""
   yy, xx = np.meshgrid(np.arange(rows, dtype=np.int32), np.arange(cols, dtype=np.int32), indexing="ij")
-  return np.ascontiguousarray(patches), np.stack([yy.reshape(-1), xx.reshape(-1)], axis=1)
+  out = np.stack([yy.reshape(-1), xx.reshape(-1)], axis=1)
+  out.flags.writeable = False
+  return out
 
 
 def unpatchify(patches: np.ndarray, rows: int, cols: int, patch_size: int) -> np.ndarray:

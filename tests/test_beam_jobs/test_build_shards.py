@@ -11,8 +11,8 @@ from apache_beam.testing.util import assert_that
 from PIL import Image
 
 from beam_jobs import image_ops
-from beam_jobs.build_shards import (PackWindow, Planned, ShardOptions, build_shards, pack_tail, pipeline_runner,
-                                    split_stats, window_key)
+from beam_jobs.build_shards import (PackWindow, Planned, ShardOptions, build_shards, from_blob, pack_tail,
+                                    pipeline_runner, split_stats, to_blob, window_batches)
 from beam_jobs.sources import SourceExample
 from schemas.dataset_info import packed_spec, read_dataset_info
 from schemas.errors import ContractError
@@ -37,7 +37,7 @@ def test_windows_and_tail_pool_assign_every_example_once_within_both_limits():
     bins = {}
     for (split, shard, n), batch in assigned:
       assert split == "train" and n == 3 and 0 <= shard < 3
-      for h, slot, p in batch:
+      for h, slot, p in from_blob(batch):
         bins.setdefault((shard, h), []).append((slot, p.id))
     ids = [rid for members in bins.values() for _, rid in members]
     assert sorted(ids) == sorted(sizes)
@@ -48,8 +48,9 @@ def test_windows_and_tail_pool_assign_every_example_once_within_both_limits():
 
   with TestPipeline(runner="FnApiRunner") as p:
     stats_side = beam.pvalue.AsDict(p | "Stats" >> beam.Create(list(stats.items())))
-    windows = (p | beam.Create(planned)
-               | beam.Map(window_key, stats_side, options)  # 300 examples in windows of 50
+    blobs = [to_blob(planned[i:i + 37]) for i in range(0, len(planned), 37)]  # as PlanExamples emits them
+    windows = (p | beam.Create(blobs)
+               | beam.FlatMap(window_batches, stats_side, options)  # 300 examples in windows of 50
                | beam.GroupByKey()
                | beam.ParDo(PackWindow(options), stats_side).with_outputs("tail", "errors", "labels",
                                                                           main="assigned"))
