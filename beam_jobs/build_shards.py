@@ -43,6 +43,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from PIL import UnidentifiedImageError
 
 from beam_jobs import image_ops, packing, tfrecord
+from beam_jobs import video as video_lib
 from beam_jobs import text as text_lib
 from beam_jobs.navit import ResolutionSampling, TokenDrop
 from beam_jobs.sources import SourceExample, error_row, resolve_source
@@ -56,7 +57,7 @@ REMOTE_READ_THREADS = 16
 PLAN_BATCH = 1024  # plans per element after planning
 ERROR_REASONS = ("not_json", "invalid_record", "no_image", "duplicate_id", "missing_file", "unreadable_file",
                  "empty_file", "not_an_image", "truncated_image", "undecodable_image", "unsupported_video",
-                 "too_many_frames")
+                 "undecodable_video", "too_many_frames")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +74,15 @@ class ShardOptions:
   resolution_sampling: str = "none"
   token_drop: str = "none"
   video: bool = False
+  video_frames: int = 8  # frames sampled from a video file (evenly, by frame index; all when it has fewer)
   window_size: int = 65536  # examples per packing window
   tokenizer: str = ""  # SentencePiece model file for text_tokens; empty: byte-level
 
   def __post_init__(self):
     if self.max_patches_per_image is None:
       object.__setattr__(self, "max_patches_per_image", self.seq_len)
-    for name in ("seq_len", "patch_size", "max_images", "max_patches_per_image", "num_shards", "window_size"):
+    for name in ("seq_len", "patch_size", "max_images", "max_patches_per_image", "num_shards", "window_size",
+                 "video_frames"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ContractError(f"shard options: {name!r} must be an int >= 1, got {getattr(self, name)!r}")
     if self.max_patches_per_image > self.seq_len:
@@ -145,6 +148,7 @@ class Planned:
   cols: int
   frames: int
   tokens: int  # after token dropping
+  source_frames: int = 0  # frames of a video file (`frames` of them are sampled); 0 for images and frame lists
 
   @property
   def id(self) -> str:
@@ -210,10 +214,10 @@ def plan_example(example: SourceExample, options: ShardOptions) -> Planned:
   if record.video is not None:
     if not options.video:
       raise ExampleError("unsupported_video", f"record {record.id!r} is a video; build with --video to pack videos")
-    if not isinstance(record.video, tuple):
-      raise ExampleError("unsupported_video", f"{example.locations[0]}: video files need a decoder; give the "
-                                              "video as a list of frame images")
-    frames = len(record.video)
+    if isinstance(record.video, tuple):
+      frames = len(record.video)
+    else:
+      return _plan_video_file(example, options)
     if frames > options.max_patches_per_image:
       raise ExampleError("too_many_frames", f"record {record.id!r}: {frames} frames do not fit a budget of "
                                             f"{options.max_patches_per_image} patches")
@@ -227,6 +231,27 @@ def plan_example(example: SourceExample, options: ShardOptions) -> Planned:
       raise decode_error(example.locations[frame], e) from None
     if frame == 0:
       height, width = size
+  return _plan_grid(example, options, height, width, frames)
+
+
+def _plan_video_file(example: SourceExample, options: ShardOptions) -> Planned:
+  """A video file: decoded once here to count its frames and catch a broken file; `video_frames` of them are
+  sampled (`beam_jobs.video`)."""
+  data = read_location(example, 0)
+  try:
+    total, height, width = video_lib.probe(data)
+  except Exception as e:  # noqa: BLE001 - FFmpeg raises many types for bad files.
+    message = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}").splitlines()[0]
+    raise ExampleError("undecodable_video", f"{example.locations[0]}: {message}") from None
+  frames = len(video_lib.sample_indices(total, options.video_frames))
+  if frames > options.max_patches_per_image:
+    raise ExampleError("too_many_frames", f"record {example.record.id!r}: {frames} frames do not fit a budget of "
+                                          f"{options.max_patches_per_image} patches")
+  return dataclasses.replace(_plan_grid(example, options, height, width, frames), source_frames=total)
+
+
+def _plan_grid(example: SourceExample, options: ShardOptions, height: int, width: int, frames: int) -> Planned:
+  record = example.record
   budget = options.sampling.budget(options.seed, record.id, options.max_patches_per_image)
   resample = budget is not None
   per_frame = max(1, (options.max_patches_per_image if budget is None else budget) // frames)
@@ -421,7 +446,8 @@ def empty_shard_markers(split_and_stats, options: ShardOptions):
 # ------------------------------------------------------------------------------------------------------ writing
 
 def read_frames(planned: Planned) -> list[bytes]:
-  return [read_location(planned.example, frame) for frame in range(planned.frames)]
+  """The encoded bytes of each location: the image, every frame image, or the one video file."""
+  return [read_location(planned.example, i) for i in range(len(planned.example.locations))]
 
 
 def read_ahead(planned: list[Planned], threads: int = REMOTE_READ_THREADS):
@@ -451,6 +477,23 @@ def read_ahead(planned: list[Planned], threads: int = REMOTE_READ_THREADS):
       yield result
 
 
+def _decode_frames(planned: Planned, frames: list[bytes], options: ShardOptions):
+  """RGB arrays of the example's frames (one for an image), each as it comes."""
+  p = options.patch_size
+  if planned.source_frames:
+    try:
+      yield from video_lib.decode_sampled(frames[0], planned.source_frames, options.video_frames)
+    except Exception as e:  # noqa: BLE001 - FFmpeg raises many types for bad files.
+      message = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}").splitlines()[0]
+      raise ExampleError("undecodable_video", f"{planned.example.locations[0]}: {message}") from None
+    return
+  for frame, data in enumerate(frames):
+    try:
+      yield image_ops.decode_rgb(data, (planned.rows * p, planned.cols * p))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
+      raise decode_error(planned.example.locations[frame], e) from None
+
+
 def render_example(planned: Planned, options: ShardOptions, frames: list[bytes] | None = None,
                    out: np.ndarray | None = None) -> dict[str, Any]:
   """Decodes, resizes and patchifies one planned example (every frame of a video), then drops tokens. The kept
@@ -468,11 +511,7 @@ def render_example(planned: Planned, options: ShardOptions, frames: list[bytes] 
     out = np.empty((len(kept), patch_dim), np.uint8)
   dropping = len(kept) < total
   target = np.empty((total, patch_dim), np.uint8) if dropping else out[:total]
-  for frame, data in enumerate(frames):
-    try:
-      pixels = image_ops.decode_rgb(data, (rows * p, cols * p))
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
-      raise decode_error(planned.example.locations[frame], e) from None
+  for frame, pixels in enumerate(_decode_frames(planned, frames, options)):
     image_ops.patchify_into(image_ops.resize_to_grid(pixels, rows, cols, p), p,
                             target[frame * per_frame:(frame + 1) * per_frame])
   yx = image_ops.patch_positions(rows, cols)

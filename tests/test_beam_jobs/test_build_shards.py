@@ -347,6 +347,59 @@ def test_a_video_with_more_frames_than_the_patch_budget_is_an_error(tmp_path):
   assert info["num_examples"] == 1
 
 
+def _mp4(frames):
+  import av
+  buffer = io.BytesIO()
+  with av.open(buffer, mode="w", format="mp4") as container:
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+    for pixels in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+    container.mux(stream.encode())
+  return buffer.getvalue()
+
+
+def test_video_files_are_decoded_sampled_and_packed_like_frame_lists(tmp_path):
+  from beam_jobs import video
+  frames = []
+  for t in range(6):  # frame t: gray level 40 t, a bright square moving right by 8 px a frame
+    pixels = np.full((64, 64, 3), 40 * t, np.uint8)
+    pixels[16:32, 8 * t:8 * t + 16] = 250
+    frames.append(pixels)
+  data = _mp4(frames)
+  (tmp_path / "clip.mp4").write_bytes(data)
+  (tmp_path / "junk.mp4").write_bytes(b"not a video" * 50)
+  (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])
+  boxes = [[0.25, 0.125 * t, 0.5, 0.125 * t + 0.25] for t in (1, 3, 5)]  # one per sampled frame
+  rows = [{"id": "clip", "video": "clip.mp4", "label": 1, "boxes": boxes},
+          {"id": "junk", "video": "junk.mp4", "label": 0},
+          {"id": "cut", "video": "cut.mp4", "label": 0}]
+  (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  options = ShardOptions(seq_len=64, patch_size=16, max_images=2, max_patches_per_image=48, num_shards=1,
+                         video=True, video_frames=3, max_error_fraction=1)
+  info = build_shards(str(tmp_path / "manifest.jsonl"), str(tmp_path / "out"), options)
+  errors = [json.loads(l) for l in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+  assert [(e["line"], e["id"], e["reason"]) for e in errors] == [(2, "junk", "undecodable_video"),
+                                                                 (3, "cut", "undecodable_video")]
+  assert info["num_examples"] == 1 and info["options"]["video_frames"] == 3
+  (_, ex), = list(_read_shards(tmp_path / "out"))
+  (slot, rid, mask), = list(_slots(ex))
+  assert rid == "clip" and tuple(ex["image_grid"][slot]) == (4, 4) and mask.sum() == 3 * 16
+  assert ex["patch_t"][mask].tolist() == [t for t in range(3) for _ in range(16)]
+  assert video.sample_indices(6, 3) == [1, 3, 5]
+  expected = video.decode_sampled(data, 6, 3)
+  for t, source in enumerate((1, 3, 5)):
+    frame = image_ops.unpatchify(ex["patches"][mask][ex["patch_t"][mask] == t], 4, 4, 16)
+    np.testing.assert_array_equal(frame, expected[t])  # the same pixels as decoding the file directly
+    assert abs(float(frame[40:, :].mean()) - 40 * source) < 6  # and the frame that was sampled (lossy codec)
+    assert frame[20:28, 8 * source + 4:8 * source + 12].mean() > 200  # its square where it was drawn
+  np.testing.assert_allclose(np.frombuffer(ex["boxes"][slot], "<f4").reshape(-1, 4), boxes, rtol=1e-6)
+  # Without --video a video file is refused, as a frame list is.
+  info = build_shards(str(tmp_path / "manifest.jsonl"), str(tmp_path / "out2"),
+                      ShardOptions(seq_len=64, max_patches_per_image=48, max_error_fraction=1))
+  assert info["errors_by_reason"] == {"unsupported_video": 3}
+
+
 def test_text_tokens_and_their_segment_ids(synthetic_dir, tmp_path):
   options = ShardOptions(seq_len=128, patch_size=16, max_images=8, max_patches_per_image=32, text_len=512)
   build_shards(str(synthetic_dir / "manifest.jsonl"), str(tmp_path), options)
