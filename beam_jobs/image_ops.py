@@ -1,7 +1,10 @@
 """Pure image functions of the shard builder: open, decode to RGB, fit to a patch grid, resize, patchify."""
 
+import functools
 import io
 import math
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,6 +29,78 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
   """(height, width) as displayed, i.e. after the EXIF orientation is applied; reads the header only."""
   width, height = image.size
   return (width, height) if _orientation(image) in _TRANSPOSED_ORIENTATIONS else (height, width)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_exif_if_whole(data: bytes) -> bytes | None:
+  """Walks a PNG's chunks, checking each CRC, up to IEND. Returns the eXIf payload (b"" when there is none)
+  if the file is whole and every CRC is right, else None. Costs a CRC pass over the bytes, no inflating."""
+  pos, exif = len(_PNG_SIGNATURE), b""
+  while pos + 12 <= len(data):
+    length, kind = struct.unpack_from(">I4s", data, pos)
+    end = pos + 8 + length
+    if end + 4 > len(data) or zlib.crc32(memoryview(data)[pos + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+      return None
+    if kind == b"eXIf":
+      exif = data[pos + 8:end]
+    elif kind == b"IEND":
+      return exif
+    pos = end + 4
+  return None
+
+
+def _looks_whole(image: Image.Image, data: bytes) -> bool:
+  """A cheap test that a file is not cut short, from its trailer or its own size field; False means "decode
+  to find out" (a JPEG with bytes after its end marker, an unknown format), not "broken"."""
+  fmt = image.format
+  if fmt == "JPEG":
+    return data.endswith(b"\xff\xd9")  # the EOI marker; entropy-coded data never ends in it
+  if fmt == "GIF":
+    return data.endswith(b"\x3b")  # the trailer
+  if fmt == "WEBP":
+    return True  # its RIFF size was checked before opening
+  if fmt == "BMP":
+    return len(data) >= struct.unpack_from("<I", data, 2)[0]
+  return False
+
+
+def whole_image_size(data: bytes) -> tuple[int, int]:
+  """(height, width) as displayed, after making sure the file is whole, so that a truncated or corrupt file
+  is found while planning, not when its shard is written. Cheap for the common formats: a JPEG, GIF, WebP or
+  BMP is whole when its trailer or size field says so, a PNG when every chunk's CRC is right up to IEND (its
+  orientation then comes from the eXIf chunk, without inflating the pixels). Otherwise (other formats, bytes
+  after a JPEG's end marker, a PNG without IEND) the pixels are decoded once, a JPEG at 1/8 scale, and PIL's
+  error, if any, is raised: "image file is truncated" for a file cut short."""
+  if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    riff_size = 8 + struct.unpack_from("<I", data, 4)[0]
+    if len(data) < riff_size:  # libwebp would only say "could not create decoder object"
+      raise OSError(f"image file is truncated ({len(data)} of {riff_size} bytes)")
+  with open_image(data) as image:
+    if image.format == "PNG" and data.startswith(_PNG_SIGNATURE):
+      exif = _png_exif_if_whole(data)
+      if exif is not None:
+        width, height = image.size
+        orientation = _exif_orientation(exif) if exif else 1
+        return (width, height) if orientation in _TRANSPOSED_ORIENTATIONS else (height, width)
+    whole = _looks_whole(image, data)
+    if not whole and image.format != "JPEG":
+      image.load()  # before reading the orientation, which would swallow a PNG's decoding error
+    size = oriented_size(image)
+    if not whole and image.format == "JPEG":
+      image.draft(image.mode, (1, 1))  # the smallest DCT scale (after the size is read): every byte is still
+      image.load()                     # entropy-decoded, so a cut is found
+    return size
+
+
+def _exif_orientation(exif: bytes) -> int:
+  try:
+    parsed = Image.Exif()
+    parsed.load(exif)
+    return int(parsed.get(_EXIF_ORIENTATION, 1))
+  except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop the image.
+    return 1
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -124,10 +199,27 @@ def patchify(pixels: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarra
   patch; patches in raster order) and their grid positions int32 [rows*cols, 2]."""
   height, width, channels = pixels.shape
   rows, cols = height // patch_size, width // patch_size
-  patches = pixels.reshape(rows, patch_size, cols, patch_size, channels).transpose(0, 2, 1, 3, 4)
-  patches = patches.reshape(rows * cols, patch_size * patch_size * channels)
+  out = np.empty((rows * cols, patch_size * patch_size * channels), np.uint8)
+  patchify_into(pixels, patch_size, out)
+  return out, patch_positions(rows, cols).copy()
+
+
+def patchify_into(pixels: np.ndarray, patch_size: int, out: np.ndarray) -> None:
+  """Writes patchify's patches of `pixels` into `out` (C-contiguous, [rows*cols, p*p*3]) with one copy: the
+  shard writer passes rows of the sequence's own patch buffer, so no patch is copied twice."""
+  height, width, channels = pixels.shape
+  rows, cols, p = height // patch_size, width // patch_size, patch_size
+  np.copyto(out.reshape(rows, cols, p, p * channels),
+            pixels.reshape(rows, p, cols, p * channels).transpose(0, 2, 1, 3))
+
+
+@functools.lru_cache(maxsize=4096)
+def patch_positions(rows: int, cols: int) -> np.ndarray:
+  """(row, column) of each patch of a rows x cols grid in raster order, int32 [rows*cols, 2] (read-only, shared)."""
   yy, xx = np.meshgrid(np.arange(rows, dtype=np.int32), np.arange(cols, dtype=np.int32), indexing="ij")
-  return np.ascontiguousarray(patches), np.stack([yy.reshape(-1), xx.reshape(-1)], axis=1)
+  out = np.stack([yy.reshape(-1), xx.reshape(-1)], axis=1)
+  out.flags.writeable = False
+  return out
 
 
 def unpatchify(patches: np.ndarray, rows: int, cols: int, patch_size: int) -> np.ndarray:

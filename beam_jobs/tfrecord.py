@@ -16,8 +16,16 @@ try:
 
   def crc32c(data: bytes) -> int:
     return google_crc32c.value(data)
+
+  def crc32c_extend(crc: int, data) -> int:
+    return google_crc32c.extend(crc, data)
 except ImportError:  # pragma: no cover - Beam's fallback (crcmod, slower).
   from apache_beam.io.tfrecordio import _default_crc32c_fn as crc32c
+
+  def crc32c_extend(crc: int, data) -> int:
+    import crcmod.predefined
+    fn = crcmod.predefined.mkPredefinedCrcFun("crc-32c")
+    return fn(bytes(data), crc)
 
 _MASK_DELTA = 0xA282EAD8
 
@@ -223,6 +231,28 @@ def frame_pieces(data: bytes) -> tuple[bytes, bytes, bytes]:
   """`frame_record` as (header, data, footer), so a big record is written without one more copy."""
   length = struct.pack("<Q", len(data))
   return (length + struct.pack("<I", masked_crc32c(length)), data, struct.pack("<I", masked_crc32c(data)))
+
+
+def record_pieces(pieces: list, size: int, small: int = 1 << 16) -> list:
+  """`frame_pieces` of a record given as the pieces of its bytes (as `example_pieces` returns them; bytes or
+  contiguous uint8 arrays) and their total size, without joining them: the CRC32C is extended piece by piece,
+  and runs of pieces under `small` bytes are joined, so a writer makes few calls and big arrays are never
+  copied."""
+  length = struct.pack("<Q", size)
+  out, run, crc = [length + struct.pack("<I", masked_crc32c(length))], [], 0
+  for piece in pieces:
+    crc = crc32c_extend(crc, piece)
+    if len(piece) < small:
+      run.append(piece)
+      continue
+    if run:
+      out.append(b"".join(run))
+      run = []
+    out.append(piece)
+  crc = (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+  run.append(struct.pack("<I", crc))
+  out.append(b"".join(run))
+  return out
 
 
 def read_records(stream: BinaryIO, where: str = "tfrecord") -> Iterator[bytes]:

@@ -1,13 +1,13 @@
 """Shard builder throughput: images per second per core through the whole job, next to the floor of
 decoding the same JPEGs alone with PIL in a plain loop.
 
-  .venv/bin/python benchmarks/shard_throughput.py [--images 4000] [--runs 1 2:threads 2:processes]
+  .venv/bin/python benchmarks/shard_throughput.py [--images 4000] [--runs 1 2:threads 2:processes] [--reps 3]
 
 Writes 256x256 JPEGs (quality 90, gradients plus noise and shapes, ~20 KiB each) to a temporary directory,
-then measures, in one run: (1) the floor: read + PIL decode to an RGB array in a plain loop, one core;
-(2) `build_shards` on the in-process runner with 1 worker, 2 worker threads and 2 worker processes (the
-shards of every run are checked to be identical). The job is timed from
-the call to its return, so Beam's start-up (about 1 s of CPU) is included. L=1024, P=16, M=16, budget 256
+then measures, in rounds that each run every variant once (so a change in the machine's load hits all of
+them): (1) the floor: read + PIL decode to an RGB array in a plain loop, one core; (2) `build_shards` on the
+in-process runner with 1 worker, 2 worker threads and 2 worker processes (the shards of every run are checked
+to be identical). The job is timed from the call to its return, so Beam's start-up is included. L=1024, P=16, M=16, budget 256
 patches (a 256x256 image is exactly 16x16 patches, 4 per sequence).
 
 Two figures per row: per core by wall clock (images / seconds / cores used) and per CPU-second (images /
@@ -74,38 +74,50 @@ def main(argv=None) -> int:
   parser.add_argument("--images", type=int, default=4000)
   parser.add_argument("--runs", nargs="+", default=["1", "2:threads", "2:processes"],
                       help="job runs as WORKERS[:threads|processes]")
+  parser.add_argument("--reps", type=int, default=3, help="rounds; each round runs the floor and every job once")
   args = parser.parse_args(argv)
   from beam_jobs.build_shards import ShardOptions, build_shards
   options = ShardOptions(seq_len=1024, patch_size=16, max_images=16, max_patches_per_image=256, num_shards=8)
+  names = ["PIL decode loop (floor)"]
+  cores = {names[0]: 1}
+  for run in args.runs:
+    workers, _, mode = run.partition(":")
+    names.append(f"build_shards, {workers} {mode or 'worker'}")
+    cores[names[-1]] = int(workers)
+  times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
   with tempfile.TemporaryDirectory() as tmp:
     t = time.perf_counter()
     manifest = write_jpegs(tmp, args.images)
     print(f"wrote {args.images} JPEGs of 256x256 ({sum(os.path.getsize(os.path.join(tmp, n)) for n in os.listdir(tmp)) / args.images / 1024:.1f} KiB each) "
           f"in {time.perf_counter() - t:.1f} s", flush=True)
     pil_floor(tmp, min(200, args.images))  # warm the page cache and PIL
-    wall, cpu = pil_floor(tmp, args.images)
-    rows = [("PIL decode loop (floor)", 1, wall, cpu)]
     digests = set()
-    for run in args.runs:
-      workers, _, mode = run.partition(":")
-      workers = int(workers)
-      beam_args = [f"--direct_running_mode={dict(threads='multi_threading', processes='multi_processing')[mode]}"] if mode else []
-      out = os.path.join(tmp, f"shards-{run.replace(':', '-')}")
-      start, cpu = time.perf_counter(), cpu_seconds()
-      info = build_shards(manifest, out, options, workers=workers, beam_args=beam_args)
-      wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-      assert info["num_examples"] == args.images, info["num_examples"]
-      digests.add(tuple(s["sha256"] for s in info["shards"]))
-      rows.append((f"build_shards, {workers} {mode or 'worker'}", workers, wall, cpu))
+    for _ in range(args.reps):  # interleaved: every round measures every variant under the same load
+      times[names[0]].append(pil_floor(tmp, args.images))
+      for name, run in zip(names[1:], args.runs):
+        workers, _, mode = run.partition(":")
+        beam_args = [f"--direct_running_mode={dict(threads='multi_threading', processes='multi_processing')[mode]}"] if mode else []
+        out = os.path.join(tmp, f"shards-{run.replace(':', '-')}")
+        start, cpu = time.perf_counter(), cpu_seconds()
+        info = build_shards(manifest, out, options, workers=int(workers), beam_args=beam_args)
+        times[name].append((time.perf_counter() - start, cpu_seconds() - cpu))
+        assert info["num_examples"] == args.images, info["num_examples"]
+        digests.add(tuple(s["sha256"] for s in info["shards"]))
     assert len(digests) == 1, "runs gave different shards"
   n = args.images
-  floor_wall, floor_cpu = n / rows[0][2], n / rows[0][3]
-  print(f"\n{args.images} images, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+  print(f"\n{n} images, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; median of "
+        f"{args.reps} interleaved rounds; floor/this is the median over rounds of that round's ratio")
   print(f"{'':28s} {'cores':>5s} {'wall s':>7s} {'img/s/core':>10s} {'floor/this':>10s} {'CPU s':>7s} "
         f"{'img/CPU-s':>9s} {'floor/this':>10s}")
-  for name, cores, wall, cpu in rows:
-    print(f"{name:28s} {cores:5d} {wall:7.2f} {n / wall / cores:10.1f} {floor_wall / (n / wall / cores):10.2f} "
-          f"{cpu:7.2f} {n / cpu:9.1f} {floor_cpu / (n / cpu):10.2f}")
+  floor = times[names[0]]
+  for name in names:
+    walls = [w * cores[name] for w, _ in times[name]]  # core-seconds by the wall clock
+    cpus = [c for _, c in times[name]]
+    wall_ratio = np.median([w / f for w, (f, _) in zip(walls, floor)])
+    cpu_ratio = np.median([c / f for c, (_, f) in zip(cpus, floor)])
+    wall, cpu = np.median([w for w, _ in times[name]]), np.median(cpus)
+    print(f"{name:28s} {cores[name]:5d} {wall:7.2f} {n / wall / cores[name]:10.1f} {wall_ratio:10.2f} "
+          f"{cpu:7.2f} {n / cpu:9.1f} {cpu_ratio:10.2f}")
   return 0
 
 

@@ -101,7 +101,7 @@ def _shards_build(args) -> int:
                          tokenizer=args.tokenizer,
                          num_shards=args.num_shards, max_error_fraction=args.max_error_fraction, seed=args.seed,
                          resolution_sampling=args.resolution_sampling, token_drop=args.token_drop,
-                         video=args.video, window_size=args.window_size)
+                         video=args.video, video_frames=args.video_frames, window_size=args.window_size)
   info = build_shards(args.manifest, args.output, options, beam_args=args.beam_args, workers=args.workers,
                       tfds_data_dir=args.tfds_data_dir)
   print(f"wrote {info['num_sequences']} sequences ({info['num_examples']} images, {info['num_errors']} errors, "
@@ -188,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--text-len", type=int, default=0, help="caption tokens per sequence (byte-level unless --tokenizer; 0: no text)")
   p.add_argument("--tokenizer", default="", metavar="MODEL",
                  help="SentencePiece model file for text tokens (default: byte-level)")
-  p.add_argument("--video", action="store_true", help="pack video records (lists of frames): adds patch_t, boxes")
+  p.add_argument("--video", action="store_true",
+                 help="pack video records (lists of frame images or video files): adds patch_t, boxes")
+  p.add_argument("--video-frames", type=int, default=8,
+                 help="frames sampled from a video file, evenly by frame index (all when it has fewer)")
   p.add_argument("--window-size", type=int, default=65536, help="examples per packing window")
   p.add_argument("--max-error-fraction", type=float, default=0.01,
                  help="fail (after writing errors.jsonl) when more than this fraction of records is bad")

@@ -11,8 +11,8 @@ from apache_beam.testing.util import assert_that
 from PIL import Image
 
 from beam_jobs import image_ops
-from beam_jobs.build_shards import (PackWindow, Planned, ShardOptions, build_shards, pack_tail, pipeline_runner,
-                                    split_stats, window_key)
+from beam_jobs.build_shards import (PackWindow, Planned, ShardOptions, build_shards, from_blob, pack_tail,
+                                    pipeline_runner, split_stats, to_blob, window_batches)
 from beam_jobs.sources import SourceExample
 from schemas.dataset_info import packed_spec, read_dataset_info
 from schemas.errors import ContractError
@@ -37,7 +37,7 @@ def test_windows_and_tail_pool_assign_every_example_once_within_both_limits():
     bins = {}
     for (split, shard, n), batch in assigned:
       assert split == "train" and n == 3 and 0 <= shard < 3
-      for h, slot, p in batch:
+      for h, slot, p in from_blob(batch):
         bins.setdefault((shard, h), []).append((slot, p.id))
     ids = [rid for members in bins.values() for _, rid in members]
     assert sorted(ids) == sorted(sizes)
@@ -48,8 +48,9 @@ def test_windows_and_tail_pool_assign_every_example_once_within_both_limits():
 
   with TestPipeline(runner="FnApiRunner") as p:
     stats_side = beam.pvalue.AsDict(p | "Stats" >> beam.Create(list(stats.items())))
-    windows = (p | beam.Create(planned)
-               | beam.Map(window_key, stats_side, options)  # 300 examples in windows of 50
+    blobs = [to_blob(planned[i:i + 37]) for i in range(0, len(planned), 37)]  # as PlanExamples emits them
+    windows = (p | beam.Create(blobs)
+               | beam.FlatMap(window_batches, stats_side, options)  # 300 examples in windows of 50
                | beam.GroupByKey()
                | beam.ParDo(PackWindow(options), stats_side).with_outputs("tail", "errors", "labels",
                                                                           main="assigned"))
@@ -198,9 +199,49 @@ def test_every_kind_of_bad_input_goes_to_errors_jsonl_and_the_job_finishes(tmp_p
   assert "first seen on line 1" in errors[-1]["detail"]
   assert info["num_errors"] == len(EXPECTED_ERRORS) and info["num_manifest_lines"] == 31
   assert info["errors_by_reason"] == {reason: 1 for _, _, reason in EXPECTED_ERRORS}
-  assert info["num_examples"] == 20  # the truncated and corrupt images were packed, then dropped at decoding
+  assert info["num_examples"] == 20  # the truncated and corrupt images were found while planning
   ids = {rid for _, ex in _read_shards(out) for _, rid, _ in _slots(ex)}
   assert ids == {json.loads(l)["id"] for l in (synthetic_dir / "manifest.jsonl").read_text().splitlines()[:20]}
+
+
+def test_truncated_images_are_quarantined_before_packing_so_sequences_are_whole(tmp_path, synthetic_dir):
+  lines = (synthetic_dir / "manifest.jsonl").read_text().splitlines()[:24]
+  good = [json.loads(l) for l in lines]
+  for rec in good:
+    rec["image"] = str(synthetic_dir / rec["image"])
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  jpeg, png = _jpeg(noise), _png(noise)
+  (tmp_path / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+  (tmp_path / "cut.png").write_bytes(png[:len(png) - 100])  # most pixels there, the end cut off
+  bad = {5: {"id": "cut-jpeg", "image": str(tmp_path / "cut.jpg"), "label": 0},
+         17: {"id": "cut-png", "image": str(tmp_path / "cut.png"), "label": 1}}
+  rows = list(good)
+  for line in sorted(bad):
+    rows.insert(line - 1, bad[line])
+  (tmp_path / "dirty.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (tmp_path / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+  options = ShardOptions(seq_len=128, max_images=8, max_patches_per_image=32, num_shards=2, max_error_fraction=0.5)
+  info = build_shards(str(tmp_path / "dirty.jsonl"), str(tmp_path / "dirty"), options)
+  errors = [json.loads(l) for l in (tmp_path / "dirty" / "errors.jsonl").read_text().splitlines()]
+  assert [(e["line"], e["id"], e["reason"]) for e in errors] == [(5, "cut-jpeg", "truncated_image"),
+                                                                 (17, "cut-png", "truncated_image")]
+  assert "cut.jpg" in errors[0]["detail"] and "cut.png" in errors[1]["detail"]
+  assert info["num_examples"] == len(good) and info["num_manifest_lines"] == len(rows)
+  # Packing never saw the bad files: the shards are those of the manifest without them, byte for byte.
+  build_shards(str(tmp_path / "clean.jsonl"), str(tmp_path / "clean"), options)
+  _same_shards(tmp_path / "clean", tmp_path / "dirty")
+  by_id = {r["id"]: r for r in good}
+  written = []
+  for _, ex in _read_shards(tmp_path / "dirty"):
+    slots = list(_slots(ex))
+    assert sorted(set(ex["segment_ids"].tolist()) - {0}) == list(range(1, len(slots) + 1))
+    for slot, rid, mask in slots:
+      written.append(rid)
+      rows_, cols = ex["image_grid"][slot]
+      source = image_ops.decode_rgb(open(by_id[rid]["image"], "rb").read())
+      np.testing.assert_array_equal(image_ops.unpatchify(ex["patches"][mask], rows_, cols, 16),
+                                    image_ops.resize_to_grid(source, rows_, cols, 16))
+  assert sorted(written) == sorted(by_id)
 
 
 def test_too_many_errors_fail_with_a_clear_message_after_writing_the_report(tmp_path, synthetic_dir):
@@ -304,6 +345,59 @@ def test_a_video_with_more_frames_than_the_patch_budget_is_an_error(tmp_path):
   errors = [json.loads(l) for l in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
   assert [(e["id"], e["reason"]) for e in errors] == [("clip", "too_many_frames")]
   assert info["num_examples"] == 1
+
+
+def _mp4(frames):
+  import av
+  buffer = io.BytesIO()
+  with av.open(buffer, mode="w", format="mp4") as container:
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+    for pixels in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+    container.mux(stream.encode())
+  return buffer.getvalue()
+
+
+def test_video_files_are_decoded_sampled_and_packed_like_frame_lists(tmp_path):
+  from beam_jobs import video
+  frames = []
+  for t in range(6):  # frame t: gray level 40 t, a bright square moving right by 8 px a frame
+    pixels = np.full((64, 64, 3), 40 * t, np.uint8)
+    pixels[16:32, 8 * t:8 * t + 16] = 250
+    frames.append(pixels)
+  data = _mp4(frames)
+  (tmp_path / "clip.mp4").write_bytes(data)
+  (tmp_path / "junk.mp4").write_bytes(b"not a video" * 50)
+  (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])
+  boxes = [[0.25, 0.125 * t, 0.5, 0.125 * t + 0.25] for t in (1, 3, 5)]  # one per sampled frame
+  rows = [{"id": "clip", "video": "clip.mp4", "label": 1, "boxes": boxes},
+          {"id": "junk", "video": "junk.mp4", "label": 0},
+          {"id": "cut", "video": "cut.mp4", "label": 0}]
+  (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  options = ShardOptions(seq_len=64, patch_size=16, max_images=2, max_patches_per_image=48, num_shards=1,
+                         video=True, video_frames=3, max_error_fraction=1)
+  info = build_shards(str(tmp_path / "manifest.jsonl"), str(tmp_path / "out"), options)
+  errors = [json.loads(l) for l in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+  assert [(e["line"], e["id"], e["reason"]) for e in errors] == [(2, "junk", "undecodable_video"),
+                                                                 (3, "cut", "undecodable_video")]
+  assert info["num_examples"] == 1 and info["options"]["video_frames"] == 3
+  (_, ex), = list(_read_shards(tmp_path / "out"))
+  (slot, rid, mask), = list(_slots(ex))
+  assert rid == "clip" and tuple(ex["image_grid"][slot]) == (4, 4) and mask.sum() == 3 * 16
+  assert ex["patch_t"][mask].tolist() == [t for t in range(3) for _ in range(16)]
+  assert video.sample_indices(6, 3) == [1, 3, 5]
+  expected = video.decode_sampled(data, 6, 3)
+  for t, source in enumerate((1, 3, 5)):
+    frame = image_ops.unpatchify(ex["patches"][mask][ex["patch_t"][mask] == t], 4, 4, 16)
+    np.testing.assert_array_equal(frame, expected[t])  # the same pixels as decoding the file directly
+    assert abs(float(frame[40:, :].mean()) - 40 * source) < 6  # and the frame that was sampled (lossy codec)
+    assert frame[20:28, 8 * source + 4:8 * source + 12].mean() > 200  # its square where it was drawn
+  np.testing.assert_allclose(np.frombuffer(ex["boxes"][slot], "<f4").reshape(-1, 4), boxes, rtol=1e-6)
+  # Without --video a video file is refused, as a frame list is.
+  info = build_shards(str(tmp_path / "manifest.jsonl"), str(tmp_path / "out2"),
+                      ShardOptions(seq_len=64, max_patches_per_image=48, max_error_fraction=1))
+  assert info["errors_by_reason"] == {"unsupported_video": 3}
 
 
 def test_text_tokens_and_their_segment_ids(synthetic_dir, tmp_path):

@@ -153,15 +153,35 @@ def test_huge_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_target():
   assert image_ops.decode_rgb(data, target_hw=(300, 300)).shape == (512, 512, 3)  # 1/2 still covers 300
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP"])
-def test_truncated_files_pass_the_header_but_fail_to_decode(fmt):
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"])
+def test_truncated_files_pass_the_header_but_not_the_whole_file_check(fmt):
   pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
   data = _encode(Image.fromarray(pixels), fmt)
+  assert image_ops.whole_image_size(data) == (64, 64)
   cut = data[:len(data) // 2]
-  with image_ops.open_image(cut) as image:
-    assert image_ops.oriented_size(image) == (64, 64)
+  if fmt != "WEBP":  # libwebp reads no header of a cut file
+    with image_ops.open_image(cut) as image:
+      assert image.size == (64, 64)  # the header alone reads
+    with pytest.raises(OSError, match="truncated"):
+      image_ops.decode_rgb(cut)
   with pytest.raises(OSError, match="truncated"):
-    image_ops.decode_rgb(cut)
+    image_ops.whole_image_size(cut)
+
+
+def test_whole_file_check_accepts_trailing_bytes_and_reads_png_orientation_without_decoding():
+  pixels = np.random.default_rng(0).integers(0, 256, (16, 32, 3), dtype=np.uint8)
+  jpeg = _encode(Image.fromarray(pixels), "JPEG")
+  assert image_ops.whole_image_size(jpeg + b"appended data") == (16, 32)  # decoded at 1/8 scale to decide
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  png = _encode(Image.fromarray(pixels), "PNG", exif=exif.tobytes())
+  assert image_ops.whole_image_size(png) == (32, 16) == image_ops.decode_rgb(png).shape[:2]
+  corrupt = bytearray(_encode(Image.fromarray(pixels), "PNG"))
+  corrupt[60:70] = bytes(10)  # inside the pixel data: a CRC fails, then decoding does
+  with pytest.raises(OSError):
+    image_ops.whole_image_size(bytes(corrupt))
+  no_iend = _encode(Image.fromarray(pixels), "PNG")[:-12]  # every pixel there, only the end chunk missing
+  assert image_ops.whole_image_size(no_iend) == (16, 32)
 
 
 def test_decode_rejects_non_image():

@@ -13,14 +13,14 @@ def test_every_flag_reaches_the_job(synthetic_dir, tmp_path, capsys):
           "--seq-len", "128", "--patch-size", "8", "--max-images", "6", "--max-patches-per-image", "64",
           "--num-shards", "3", "--workers", "1", "--seed", "5", "--resolution-sampling", "loguniform:4:64",
           "--token-drop", "beta:2:5", "--text-len", "32", "--window-size", "40", "--max-error-fraction", "0.2",
-          "--", "--direct_running_mode=in_memory"]
+          "--video-frames", "5", "--", "--direct_running_mode=in_memory"]
   assert main(argv) == 0
   assert capsys.readouterr().out.startswith("wrote ")
   info = json.loads((out / "dataset_info.json").read_text())
   assert info["options"] == {
       "seq_len": 128, "patch_size": 8, "max_images": 6, "max_patches_per_image": 64, "num_shards": 3, "seed": 5,
       "resolution_sampling": "loguniform:4:64", "token_drop": "beta:2:5", "text_len": 32, "window_size": 40,
-      "max_error_fraction": 0.2, "video": False, "tokenizer": ""}
+      "max_error_fraction": 0.2, "video": False, "video_frames": 5, "tokenizer": ""}
   assert info["tokenizer"] == {"kind": "bytes", "vocab_size": 257, "id_offset": 1}
   assert info["tokens_dropped"] > 0 and info["splits"]["train"]["num_shards"] == 3
   lineage = json.loads((out / "lineage.json").read_text())
