@@ -58,6 +58,7 @@ import pyarrow.parquet as pq
 
 from evaluators import metrics
 from evaluators.rowstore import RowStore
+from schemas import storage
 from schemas.errors import ContractError
 
 NUM_BINS = metrics.NUM_ECE_BINS
@@ -71,6 +72,7 @@ NEWTON_TOLERANCE = 1e-4
 SELECTIVE_POINTS = 20
 CHUNK_FLOATS = 1 << 23          # about 32 MB of float32 scores per chunk
 READ_BUFFER_BYTES = 1 << 20
+GCS_READ_BYTES = 1 << 23         # bytes per range request to gs:// (a multiple of 256 KiB)
 READ_THREADS = 1                # a second reader cost ~1 CPU s and ~300 MB more on 1M x 1000 here, for no gain
 STORE_BUDGET_BYTES = 1 << 28    # fit rows kept in memory up to this (read by every Newton pass), then spilled
 HELD_MEMORY_BYTES = 1 << 25     # held-out rows (read once) kept in memory up to this, then spilled
@@ -93,6 +95,13 @@ class Source:
 
 
 def _open_file(path: str) -> pq.ParquetFile:
+  if storage.is_gcs(path):
+    # google-cloud-storage (as everywhere in patchflow: it honours STORAGE_EMULATOR_HOST) behind a seekable
+    # reader that fetches GCS_READ_BYTES per range request, so row groups stream as from a local file.
+    if not storage.exists(path):
+      raise ContractError(f"{path}: no such file")
+    return pq.ParquetFile(storage.open_file(path, "rb", chunk_size=GCS_READ_BYTES), pre_buffer=False,
+                          buffer_size=READ_BUFFER_BYTES)
   if "://" in path:
     from pyarrow import fs
     filesystem, inner = fs.FileSystem.from_uri(path)
@@ -739,12 +748,13 @@ def calibrate(predictions_path: str, output_dir: str, log=print) -> dict:
   from concurrent.futures import ThreadPoolExecutor
 
   from schemas.lineage import fingerprint_path, write_lineage
-  remote_input = "://" in predictions_path
+  # gs:// inputs are fingerprinted by their GCS checksums (no download); other URIs are named only.
+  named_only = "://" in predictions_path and not storage.is_gcs(predictions_path)
   with ThreadPoolExecutor(max_workers=2) as background:
-    # Both overlap the streaming passes, which leave a core partly idle: the lineage hash of the input and
+    # Both overlap the streaming pass, which leaves a core partly idle: the lineage hash of the input and
     # importing matplotlib (seconds each on large inputs / without cached bytecode).
-    fingerprint = None if remote_input or not os.path.exists(predictions_path) else \
-        background.submit(fingerprint_path, predictions_path)
+    fingerprint = None if named_only or ("://" not in predictions_path and not os.path.exists(predictions_path)) \
+        else background.submit(fingerprint_path, predictions_path)
     background.submit(__import__, "evaluators.plots")
     result = json_safe(analyse(predictions_path, log=log))
     clock = time.perf_counter()
@@ -766,10 +776,13 @@ def calibrate(predictions_path: str, output_dir: str, log=print) -> dict:
     log(f"calibrate: figures, HTML and JSON: {time.perf_counter() - clock:.1f} s")
     config = {"num_bins": NUM_BINS, "num_equal_mass_bins": NUM_EQUAL_MASS_BINS, "seed": SEED,
               "bootstrap_replicates": BOOTSTRAP_REPLICATES, "predictions": predictions_path}
-    # A remote input is named, not fingerprinted (hashing it would download it a second time).
-    write_lineage(local_dir, "calibrate", config, {} if remote_input else {"predictions": predictions_path},
+    # A remote input other than gs:// is named, not fingerprinted (hashing it would download it again).
+    write_lineage(local_dir, "calibrate", config, {} if named_only else {"predictions": predictions_path},
                   fingerprints)
-    if remote:
+    if storage.is_gcs(output_dir):
+      for name in sorted(os.listdir(local_dir)):
+        storage.upload_file(os.path.join(local_dir, name), storage.join(output_dir, name))
+    elif remote:
       from pyarrow import fs
       filesystem, inner = fs.FileSystem.from_uri(output_dir)
       filesystem.create_dir(inner, recursive=True)
