@@ -98,7 +98,7 @@ def test_unknown_target_is_one_clear_line(capsys):
 def test_loop_tasks_are_checked_in_every_iteration(tmp_path):
   tasks = dag_tasks(registry.get_pipeline("calibration_study"))
   loop = [t for t in tasks if "-iteration-*/" in t]
-  assert sorted(t.rsplit("/", 1)[1] for t in loop) == ["evaluate-variant", "train-variant"]
+  assert sorted(t.rsplit("/", 1)[1] for t in loop) == ["evaluate-model", "train-model"]
   root = tmp_path / "exec"
   for task, artifacts in tasks.items():
     for d in ([root / task.replace("*", str(i)) for i in range(3)] if "*" in task else [root / task]):
@@ -109,19 +109,19 @@ def test_loop_tasks_are_checked_in_every_iteration(tmp_path):
         (d / a / "x").write_text("x")
   statuses = {t.rsplit("/", 1)[-1]: "SUCCESS" for t in tasks}
   assert {v for v, _ in check_outputs(str(root), tasks, statuses).values()} == {"SUCCEEDED"}
-  train = next(t for t in loop if t.endswith("train-variant"))
+  train = next(t for t in loop if t.endswith("train-model"))
   (root / train.replace("*", "2") / "executor_output.json").unlink()  # one iteration of three failed
   assert check_outputs(str(root), tasks, statuses)[train][0] == "FAILED"
 
 
 def test_list_parameters_are_json():
   study = registry.get_pipeline("calibration_study")
-  params = registry.parse_parameters(study, ['variants=[{"name": "S", "width": 8, "depth": 1, "method": "ensemble"}]'])
-  assert params["variants"][0]["method"] == "ensemble"
-  with pytest.raises(ContractError, match="parameter 'variants': expected a JSON list"):
-    registry.parse_parameters(study, ["variants=S,M"])
-  with pytest.raises(ContractError, match="parameter 'variants': expected list"):
-    registry.parse_parameters(study, ['variants={"a": 1}'])
+  params = registry.parse_parameters(study, ['models=[{"name": "S", "width": 8, "depth": 1, "methods": []}]'])
+  assert params["models"][0]["width"] == 8
+  with pytest.raises(ContractError, match="parameter 'models': expected a JSON list"):
+    registry.parse_parameters(study, ["models=S,M"])
+  with pytest.raises(ContractError, match="parameter 'models': expected list"):
+    registry.parse_parameters(study, ['models={"a": 1}'])
 
 
 def test_study_compiles_with_a_parallel_for(tmp_path):
