@@ -144,3 +144,19 @@ def test_a_target_with_beam_args_sends_the_shard_builder_to_dataflow(tmp_path):
   assert main(["compile", "smoke", "--output", str(local)]) == 0
   params = yaml.safe_load(local.read_text())["root"]["dag"]["tasks"]["build-shards"]["inputs"]["parameters"]
   assert json.loads(params["beam_args"]["runtimeValue"]["constant"]) == []
+
+
+def test_the_study_compiles_for_a_target(tmp_path):
+  out = tmp_path / "study-gpu.yaml"
+  assert main(["compile", "calibration_study", "--target", "vertex-gpu", "--output", str(out)]) == 0
+  executors = yaml.safe_load(out.read_text())["deploymentSpec"]["executors"]
+  with_accelerator = {name for name, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
+  assert with_accelerator == {"exec-train-model", "exec-evaluate-model"}
+  assert executors["exec-train-model"]["container"]["resources"]["accelerator"]["resourceType"] == "NVIDIA_A100_80GB"
+  assert {e["container"]["image"] for e in executors.values()} == {
+      "us-docker.pkg.dev/YOUR_PROJECT/patchflow/patchflow:0.1.0-cuda"}
+  cpu = tmp_path / "study-cpu.yaml"
+  assert main(["compile", "calibration_study", "--target", "vertex-cpu", "--output", str(cpu)]) == 0
+  tasks = yaml.safe_load(cpu.read_text())["root"]["dag"]["tasks"]
+  args = json.loads(tasks["build-shards"]["inputs"]["parameters"]["beam_args"]["runtimeValue"]["constant"])
+  assert args[:2] == ["--runner", "DataflowRunner"]
