@@ -1,5 +1,6 @@
 """Benchmark: the whole `patchflow calibrate` command vs the floor, a bare read-plus-ECE numpy pass over the
-same file, side by side in one run (each in its own process; wall time and peak RSS of that process).
+same file, side by side in one run (each in its own process; wall time, CPU time and peak RSS of that process), the two
+interleaved `--repeat` times; ratios are medians of the per-pair ratios.
 
   .venv/bin/python benchmarks/calibrate.py                       # 1M rows x 1000 classes (a 4 GB file)
   .venv/bin/python benchmarks/calibrate.py --rows 100000         # 100k x 1000 while iterating
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
   parser.add_argument("--rows", type=int, default=1_000_000)
   parser.add_argument("--classes", type=int, default=1000)
   parser.add_argument("--file", default=None, help="predictions file (generated when missing)")
+  parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of each contender (medians)")
   parser.add_argument("--floor", default=None, help=argparse.SUPPRESS)  # internal: run the floor on FILE
   args = parser.parse_args(argv)
   if args.floor:
@@ -110,23 +112,30 @@ def main(argv=None) -> int:
     generate(os.path.join(warm, "tiny.parquet"), 100, 10)
     timed([sys.executable, __file__, "--floor", os.path.join(warm, "tiny.parquet")])
     timed([exe, "calibrate", "--predictions", os.path.join(warm, "tiny.parquet"), "--output", warm])
-  rows = []
-  floor_run = timed([sys.executable, __file__, "--floor", path])
-  floor_ece = json.loads(floor_run["stdout"])["ece"]
-  rows.append(("floor: read + 15-bin ECE (numpy)", floor_run, floor_ece))
-  with tempfile.TemporaryDirectory() as out:
-    run = timed([exe, "calibrate", "--predictions", path, "--output", out])
-    with open(os.path.join(out, "calibration.json"), encoding="utf-8") as f:
-      result = json.load(f)
-  rows.append(("patchflow calibrate (every metric, figures, HTML, lineage)", run, result["ece"]))
-  phases = [line for line in run["stderr"].splitlines() if line.startswith("calibrate: ")]
+  floors, runs, results = [], [], []
+  for _ in range(args.repeat):  # interleaved, so that load from other processes hits both alike
+    floors.append(timed([sys.executable, __file__, "--floor", path]))
+    with tempfile.TemporaryDirectory() as out:
+      runs.append(timed([exe, "calibrate", "--predictions", path, "--output", out]))
+      with open(os.path.join(out, "calibration.json"), encoding="utf-8") as f:
+        results.append(json.load(f))
+  floor_ece = json.loads(floors[0]["stdout"])["ece"]
+  result = results[0]
+  phases = [line for line in runs[-1]["stderr"].splitlines() if line.startswith("calibrate: ")]
   load = os.getloadavg()[0]
-  print("phases of the patchflow calibrate run (wall):\n  " + "\n  ".join(phases))
-  print(f"{'contender':62s} {'seconds':>8s} {'x floor':>8s} {'CPU s':>7s} {'x floor':>8s} {'peak RSS MB':>12s} "
-        f"{'ECE':>10s}")
-  for name, r, ece in rows:
-    print(f"{name:62s} {r['seconds']:8.2f} {r['seconds'] / floor_run['seconds']:8.2f} {r['cpu_seconds']:7.2f} "
-          f"{r['cpu_seconds'] / floor_run['cpu_seconds']:8.2f} {r['peak_rss_mb']:12.0f} {ece:10.6f}")
+  print("phases of the last patchflow calibrate run (wall):\n  " + "\n  ".join(phases))
+  median = lambda values: float(np.median(values))
+  print(f"{'contender (median of ' + str(args.repeat) + ' interleaved runs)':62s} {'seconds':>8s} {'x floor':>8s} "
+        f"{'CPU s':>7s} {'x floor':>8s} {'peak RSS MB':>12s} {'ECE':>10s}")
+  for name, group, ece in (("floor: read + 15-bin ECE (numpy)", floors, floor_ece),
+                           ("patchflow calibrate (every metric, figures, HTML, lineage)", runs, result["ece"])):
+    wall_ratio = median([r["seconds"] / f["seconds"] for r, f in zip(group, floors)])
+    cpu_ratio = median([r["cpu_seconds"] / f["cpu_seconds"] for r, f in zip(group, floors)])
+    print(f"{name:62s} {median([r['seconds'] for r in group]):8.2f} {wall_ratio:8.2f} "
+          f"{median([r['cpu_seconds'] for r in group]):7.2f} {cpu_ratio:8.2f} "
+          f"{max(r['peak_rss_mb'] for r in group):12.0f} {ece:10.6f}")
+  print("per run, wall x floor: " + " ".join(f"{r['seconds'] / f['seconds']:.2f}" for r, f in zip(runs, floors)) +
+        "; CPU x floor: " + " ".join(f"{r['cpu_seconds'] / f['cpu_seconds']:.2f}" for r, f in zip(runs, floors)))
   for name in ("torchmetrics", "netcal"):
     if importlib.util.find_spec(name) is None:
       print(f"{name:62s} not installed")

@@ -29,18 +29,18 @@ def calibrate(evaluation: Input[Dataset], calibration: Output[Dataset], metrics:
 
 
 @component
-def train_variant(shards: Input[Dataset], variant: dict, seed: int, steps: int, batch_size: int,
-                  learning_rate: float, checkpoints: Output[Model]):
-  from trainers.variants import train_variant as run_training
-  record = run_training(shards.path, checkpoints.path, variant, {
+def train_model(shards: Input[Dataset], model: dict, seed: int, steps: int, batch_size: int,
+                learning_rate: float, checkpoints: Output[Model]):
+  from trainers.variants import train_model as run_training
+  records = run_training(shards.path, checkpoints.path, model, {
       "seed": seed, "train.steps": steps, "train.batch_size": batch_size, "train.learning_rate": learning_rate})
-  checkpoints.metadata.update({"variant": record["variant"]["name"], "method": record["variant"]["method"],
-                               "members": len(record["members"])})
+  checkpoints.metadata.update({"model": model["name"], "methods": [r["variant"]["method"] for r in records],
+                               "trainings": len({m["dir"] for r in records for m in r["members"]})})
 
 
 @component
-def evaluate_variant(shards: Input[Dataset], checkpoints: Input[Model], evaluation: Output[Dataset]):
-  from evaluators.study import evaluate_variant as run_evaluation
+def evaluate_model(shards: Input[Dataset], checkpoints: Input[Model], evaluation: Output[Dataset]):
+  from evaluators.study import evaluate_model as run_evaluation
   rows = run_evaluation(shards.path, checkpoints.path, evaluation.path)
   evaluation.metadata.update({"methods": [r["method"] for r in rows]})
 

@@ -37,9 +37,10 @@ in evaluators/metrics.py, which also finishes them from the per-bin sums accumul
 
 Memory: the single-pass metrics hold one chunk (about 32 MB of scores) plus per-group sums (G x K x 15);
 O(N) scalars per row are kept for equal-mass ECE, bootstrap, OOD and selective prediction. The file is
-decoded once or twice: the fit rows' shifted scores (for the Newton passes of the temperature fit) are kept
-in memory up to 512 MB, beyond that in a temporary file; the held-out rows' scores (to apply the fitted
-temperature) are kept in memory when they take at most 512 MB, else they are read from the file again.
+decoded once: the shifted scores of the fit rows (for the Newton passes of the temperature fit) are kept in
+memory up to 256 MB and those of the held-out rows (to apply the fitted temperature) up to 32 MB; beyond that
+they go to temporary files written and read with O_DIRECT (evaluators/rowstore.py). Where O_DIRECT is not
+available the fit rows spill through the page cache and the held-out rows are decoded from the file again.
 """
 
 import json
@@ -56,6 +57,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evaluators import metrics
+from evaluators.rowstore import RowStore
+from schemas import storage
 from schemas.errors import ContractError
 
 NUM_BINS = metrics.NUM_ECE_BINS
@@ -69,8 +72,10 @@ NEWTON_TOLERANCE = 1e-4
 SELECTIVE_POINTS = 20
 CHUNK_FLOATS = 1 << 23          # about 32 MB of float32 scores per chunk
 READ_BUFFER_BYTES = 1 << 20
-READ_THREADS = 2
-STORE_BUDGET_BYTES = 1 << 29    # fit rows kept in memory up to this, then spilled to a temporary file
+GCS_READ_BYTES = 1 << 23         # bytes per range request to gs:// (a multiple of 256 KiB)
+READ_THREADS = 1                # a second reader cost ~1 CPU s and ~300 MB more on 1M x 1000 here, for no gain
+STORE_BUDGET_BYTES = 1 << 28    # fit rows kept in memory up to this (read by every Newton pass), then spilled
+HELD_MEMORY_BYTES = 1 << 25     # held-out rows (read once) kept in memory up to this, then spilled
 _TINY = float(np.finfo(np.float32).tiny)
 SCORE_COLUMNS = ("logits", "probs")
 
@@ -90,6 +95,13 @@ class Source:
 
 
 def _open_file(path: str) -> pq.ParquetFile:
+  if storage.is_gcs(path):
+    # google-cloud-storage (as everywhere in patchflow: it honours STORAGE_EMULATOR_HOST) behind a seekable
+    # reader that fetches GCS_READ_BYTES per range request, so row groups stream as from a local file.
+    if not storage.exists(path):
+      raise ContractError(f"{path}: no such file")
+    return pq.ParquetFile(storage.open_file(path, "rb", chunk_size=GCS_READ_BYTES), pre_buffer=False,
+                          buffer_size=READ_BUFFER_BYTES)
   if "://" in path:
     from pyarrow import fs
     filesystem, inner = fs.FileSystem.from_uri(path)
@@ -272,32 +284,45 @@ class ChunkStats:
   gap_label: np.ndarray    # float64 [n]: max z - z_y (z = log probs for probs), for the temperature
 
 
-def chunk_stats(source: Source, x: np.ndarray, labels: np.ndarray, row0: int, scratch: np.ndarray,
-                flags: np.ndarray) -> ChunkStats:
-  """`scratch` (float32) and `flags` (bool) are buffers of at least x's shape."""
+def top_label(source: Source, x: np.ndarray, row0: int, scratch: np.ndarray, flags: np.ndarray):
+  """(d, top, pred): d = shifted_log_scores(x) in `scratch`, the max score and the first index of the
+  maximum per row, after checking the rows: NaN or Inf (and, for probs, values outside [0, 1] or rows not
+  summing to 1) are errors naming the row. `scratch` (float32) and `flags` (bool) hold at least x's shape."""
   n = len(x)
-  top, low = x.max(axis=1), x.min(axis=1)
+  top, low = x.max(axis=1), x.min(axis=1)  # max and min propagate NaN
   bad = np.flatnonzero(~(np.isfinite(top) & np.isfinite(low)))
   if bad.size:
     raise _row_error(source, row0 + int(bad[0]), f"{source.score!r} holds NaN or Inf")
+  if source.score == "probs":
+    _check_probs(source, x, low, top, row0)
+    # numpy's argmax copies a read-only array (as Arrow's are) first: comparing with the maximum is cheaper.
+    pred = np.equal(x, top[:, None], out=flags[:n]).argmax(axis=1)
+    return shifted_log_scores(source, x, top, scratch), top, pred
+  d = shifted_log_scores(source, x, top, scratch)
+  # x_k - max x is exactly 0 for the maxima and below 0 for every other entry (no rounding to 0), so the
+  # first maximum of d is the first maximum of x; d is writeable, so argmax does not copy it.
+  return d, top, d.argmax(axis=1)
+
+
+def chunk_stats(source: Source, x: np.ndarray, d: np.ndarray, labels: np.ndarray, top: np.ndarray,
+                pred: np.ndarray) -> ChunkStats:
+  """`d` = shifted_log_scores(x); for logits it is overwritten with e = exp(d)."""
+  n = len(x)
   rows = np.arange(n)
-  # The first index equal to the row maximum: argmax, but about twice as fast as float32 argmax.
-  pred = np.equal(x, top[:, None], out=flags[:n]).argmax(axis=1)
   x_label = x[rows, labels].astype(np.float64)
   if source.score == "logits":
-    e = np.subtract(x, top[:, None], out=scratch[:n])
-    np.exp(e, out=e)
+    e = np.exp(d, out=d)
     norm = e.sum(axis=1).astype(np.float64)
     confidence = 1.0 / norm
-    nll = np.log(norm) + (top - x_label)
     gap_label = top - x_label
+    nll = np.log(norm) + gap_label
   else:
-    _check_probs(source, x, low, top, row0)
     e, norm = x, np.ones(n)
     confidence = top.astype(np.float64)
     nll = -np.log(np.maximum(x_label, _TINY))
     gap_label = np.log(np.maximum(top.astype(np.float64), _TINY)) - np.log(np.maximum(x_label, _TINY))
   p_label = e[rows, labels] / norm
+  # sum_k (p_k - [k = y])^2 = sum_k p_k^2 - 2 p_y + 1
   brier = np.einsum("ij,ij->i", e, e).astype(np.float64) / norm ** 2 - 2 * p_label + 1.0
   return ChunkStats(e, norm, top, pred, confidence, pred == labels, nll, brier, gap_label)
 
@@ -316,7 +341,8 @@ def shifted_log_scores(source: Source, x: np.ndarray, top: np.ndarray, out: np.n
   """d = z - max z (<= 0), z = logits or log probs: the input of temperature scaling."""
   if source.score == "logits":
     return np.subtract(x, top[:, None], out=out[:len(x)])
-  d = np.log(np.maximum(x, _TINY), out=out[:len(x)])
+  d = np.maximum(x, _TINY, out=out[:len(x)])
+  np.log(d, out=d)
   d -= np.log(np.maximum(top, _TINY))[:, None]
   return d
 
@@ -325,40 +351,42 @@ def shifted_log_scores(source: Source, x: np.ndarray, top: np.ndarray, out: np.n
 
 class Accumulator:
   """Per-group sums of the single-pass metrics. Group 0 is every row; the others come from per-row codes
-  (one code array per kind; -1 = not in any group of that kind)."""
+  (one code array per kind; -1 = not in any group of that kind). Class-wise bins are kept for the groups
+  below `classwise_groups` (the held-out group reports no class-wise ECE)."""
 
-  def __init__(self, num_groups: int, num_classes: int):
+  def __init__(self, num_groups: int, num_classes: int, classwise_groups: int | None = None):
     g, k, b = num_groups, num_classes, NUM_BINS
     self.k = k
+    self.cg = g if classwise_groups is None else classwise_groups
     self.count = np.zeros(g)
     self.correct = np.zeros(g)
     self.nll = np.zeros(g)
     self.brier = np.zeros(g)
-    self.bins = np.zeros((3, g, b))                # count, confidence sum, correct sum
-    self.class_prob_sum = np.zeros((g, k))          # sum_i p_ik
-    self.class_label_count = np.zeros((g, k))       # #{i: y_i = k}
-    self.class_high = np.zeros((3, g, k, b))        # the class-wise bins >= 1 (bin 0 = totals - these)
+    self.bins = np.zeros((3, g, b))                    # count, confidence sum, correct sum
+    self.class_prob_sum = np.zeros((self.cg, k))        # sum_i p_ik
+    self.class_label_count = np.zeros((self.cg, k))     # #{i: y_i = k}
+    self.class_high = np.zeros((3, self.cg, k, b))      # the class-wise bins >= 1 (bin 0 = totals - these)
 
   def add(self, stats: ChunkStats, labels: np.ndarray, kinds: list[np.ndarray], flags: np.ndarray) -> None:
     """`flags`: a bool buffer of at least the scores' shape."""
-    g, k, b = len(self.count), self.k, NUM_BINS
+    g, cg, k, b = len(self.count), self.cg, self.k, NUM_BINS
+    n = len(labels)
     index = metrics.equal_width_bin_index(stats.confidence, b)
     # Class-wise: p_ik >= 1/15 for at most 15 classes per row, so only those entries are binned one by
     # one; bin 0 of each class is what remains of its totals (column sums by one matrix product).
     e, norm = stats.e, stats.norm
     threshold = (norm / b * (1 - 1e-6)).astype(np.float32)[:, None]
-    candidates = np.flatnonzero(np.greater_equal(e, threshold, out=flags[:len(e)]))
+    candidates = np.flatnonzero(np.greater_equal(e, threshold, out=flags[:n]))
     rows, classes = np.divmod(candidates, k)
     p = e.ravel()[candidates] / norm[rows]
     cbin = metrics.equal_width_bin_index(p, b)
     keep = cbin >= 1
     rows, classes, p, cbin = rows[keep], classes[keep], p[keep], cbin[keep]
     hit = (labels[rows] == classes).astype(np.float64)
-    weights = np.zeros((len(labels), g), np.float32)
     inverse = (1.0 / norm).astype(np.float32)
+    weights = np.zeros((n, cg), np.float32) if cg > 1 else None
     for codes in kinds:
       member = codes >= 0
-      weights[np.flatnonzero(member), codes[member]] = inverse[member]
       c = codes[member]
       self.count += np.bincount(c, minlength=g)
       self.correct += np.bincount(c, weights=stats.correct[member], minlength=g)
@@ -367,82 +395,40 @@ class Accumulator:
       cell = c * b + index[member]
       for j, w in enumerate((None, stats.confidence[member], stats.correct[member])):
         self.bins[j] += np.bincount(cell, weights=w, minlength=g * b).reshape(g, b)
-      self.class_label_count += np.bincount(c * k + labels[member], minlength=g * k).reshape(g, k)
+      member &= codes < cg
+      if not member.any():
+        continue
+      c = codes[member]
+      if weights is not None:
+        weights[np.flatnonzero(member), c] = inverse[member]
+      self.class_label_count += np.bincount(c * k + labels[member], minlength=cg * k).reshape(cg, k)
       hc = codes[rows]
-      sel = hc >= 0
+      sel = (hc >= 0) & (hc < cg)
       cell = (hc[sel] * k + classes[sel]) * b + cbin[sel]
       for j, w in enumerate((None, p[sel], hit[sel])):
-        self.class_high[j] += np.bincount(cell, weights=w, minlength=g * k * b).reshape(g, k, b)
+        self.class_high[j] += np.bincount(cell, weights=w, minlength=cg * k * b).reshape(cg, k, b)
     # einsum, not BLAS: OpenBLAS's threads fight the reader thread on 2 cores (10-100x slower here).
-    self.class_prob_sum += np.einsum("ij,ig->gj", e, weights).astype(np.float64)
+    if weights is None:  # group 0 (all rows) only
+      self.class_prob_sum[0] += np.einsum("ij,i->j", e, inverse).astype(np.float64)
+    else:
+      self.class_prob_sum += np.einsum("ij,ig->gj", e, weights).astype(np.float64)
 
   def group_metrics(self, group: int) -> dict:
     n = self.count[group]
     if n == 0:
       return {"num_examples": 0}
-    high = self.class_high[:, group]
-    first = np.stack([np.full(self.k, n), self.class_prob_sum[group], self.class_label_count[group]])
-    classwise = np.concatenate([(first - high.sum(axis=-1))[..., None], high], axis=-1)  # [3, K, B]
-    classwise[1, :, 0] = np.maximum(classwise[1, :, 0], 0.0)  # rounding of the column sums
     bins = self.bins[:, group]
-    return {"num_examples": int(n), "accuracy": self.correct[group] / n, "nll": self.nll[group] / n,
-            "brier": self.brier[group] / n, "ece": float(metrics.calibration_error(*bins)),
-            "rms_ce": float(metrics.calibration_error(*bins, norm="l2")),
-            "classwise_ece": float(metrics.calibration_error(*classwise).mean()),
-            "reliability": metrics.reliability_from_sums(*bins, np.linspace(0, 1, NUM_BINS + 1))}
-
-
-# ---------------------------------------------------------------- rows kept for the temperature fit
-
-class RowStore:
-  """float32 rows of width K for a later pass: in memory up to `budget_bytes`, then in a temporary file."""
-
-  def __init__(self, k: int, budget_bytes: int = STORE_BUDGET_BYTES):
-    self.k, self.budget, self.rows = k, budget_bytes, 0
-    self.memory: list[np.ndarray] = []
-    self.memory_bytes = 0
-    self.spill_dir = self.spill = None
-
-  def append(self, rows: np.ndarray) -> None:
-    if not len(rows):
-      return
-    rows = np.ascontiguousarray(rows, np.float32)
-    self.rows += len(rows)
-    if self.spill is None and self.memory_bytes + rows.nbytes <= self.budget:
-      self.memory.append(rows if rows.flags.owndata else rows.copy())
-      self.memory_bytes += rows.nbytes
-      return
-    if self.spill is None:
-      self.spill_dir = tempfile.mkdtemp(prefix="patchflow-calibrate-")
-      self.spill = open(os.path.join(self.spill_dir, "rows.f32"), "w+b")
-    self.spill.write(memoryview(rows).cast("B"))
-
-  def chunks(self, rows_per_chunk: int):
-    """The rows in order, as arrays of at most rows_per_chunk rows (file rows reuse one buffer)."""
-    for block in self.memory:
-      for start in range(0, len(block), rows_per_chunk):
-        yield block[start:start + rows_per_chunk]
-    if self.spill is not None:
-      self.spill.flush()
-      self.spill.seek(0)
-      buffer = np.empty((rows_per_chunk, self.k), np.float32)
-      while (size := self.spill.readinto(memoryview(buffer).cast("B"))):
-        yield buffer[:size // (4 * self.k)]
-
-  def head(self, rows: int) -> np.ndarray:
-    parts, have = [], 0
-    for block in self.chunks(rows):
-      parts.append(block[:rows - have].copy())
-      have += len(parts[-1])
-      if have >= rows:
-        break
-    return np.concatenate(parts) if parts else np.zeros((0, self.k), np.float32)
-
-  def close(self) -> None:
-    if self.spill is not None:
-      self.spill.close()
-      shutil.rmtree(self.spill_dir, ignore_errors=True)
-      self.spill = None
+    result = {"num_examples": int(n), "accuracy": self.correct[group] / n, "nll": self.nll[group] / n,
+              "brier": self.brier[group] / n, "ece": float(metrics.calibration_error(*bins)),
+              "rms_ce": float(metrics.calibration_error(*bins, norm="l2"))}
+    if group < self.cg:
+      high = self.class_high[:, group]
+      first = np.stack([np.full(self.k, n), self.class_prob_sum[group], self.class_label_count[group]])
+      classwise = np.concatenate([(first - high.sum(axis=-1))[..., None], high], axis=-1)  # [3, K, B]
+      classwise[1, :, 0] = np.maximum(classwise[1, :, 0], 0.0)  # rounding of the column sums
+      result["classwise_ece"] = float(metrics.calibration_error(*classwise).mean())
+    result["reliability"] = metrics.reliability_from_sums(*bins, np.linspace(0, 1, NUM_BINS + 1))
+    return result
 
 
 # ---------------------------------------------------------------- temperature
@@ -452,8 +438,11 @@ def _nll_derivatives(chunks, gap_label: np.ndarray, beta: float) -> tuple[float,
   NLL_i = log sum_k exp(beta d_ik) + beta gap_i, d/dbeta = E_p[d] + gap_i, d2/dbeta2 = Var_p[d]."""
   value = first = second = 0.0
   row = 0
+  scratch = np.empty(0, np.float32)
   for d in chunks:
-    e = np.multiply(d, np.float32(beta))
+    if scratch.size < d.size:
+      scratch = np.empty(d.size, np.float32)
+    e = np.multiply(d, np.float32(beta), out=scratch[:d.size].reshape(d.shape))
     np.exp(e, out=e)
     s = e.sum(axis=1).astype(np.float64)
     np.multiply(e, d, out=e)
@@ -494,9 +483,10 @@ def fit_temperature(chunks_fn, gap_label: np.ndarray, start_beta: float = 1.0) -
 
 # ---------------------------------------------------------------- rank-based metrics
 
-def _threshold_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Cumulative positives and negatives scoring >= each distinct score, highest score first."""
-  order = np.argsort(-scores, kind="stable")
+def _threshold_curve(scores: np.ndarray, positive: np.ndarray, order: np.ndarray | None = None):
+  """Cumulative positives and negatives scoring >= each distinct score, highest score first. `order`: the
+  rows by descending score, when the caller has it (the order within ties does not matter)."""
+  order = np.argsort(-scores, kind="stable") if order is None else order
   s, pos = scores[order], positive[order].astype(np.float64)
   last = np.r_[s[1:] != s[:-1], True]  # the last row of each tie group
   tp = np.cumsum(pos)[last]
@@ -504,9 +494,9 @@ def _threshold_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarr
   return tp, fp
 
 
-def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+def auroc(scores: np.ndarray, positive: np.ndarray, order: np.ndarray | None = None) -> float | None:
   """P(score of a positive > score of a negative) + P(equal) / 2; None without both classes."""
-  tp, fp = _threshold_curve(np.asarray(scores, np.float64), np.asarray(positive, bool))
+  tp, fp = _threshold_curve(np.asarray(scores, np.float64), np.asarray(positive, bool), order)
   if tp[-1] == 0 or fp[-1] == 0:
     return None
   tpr, fpr = np.r_[0.0, tp / tp[-1]], np.r_[0.0, fp / fp[-1]]
@@ -527,10 +517,11 @@ def ood_metrics(confidence: np.ndarray, ood: np.ndarray) -> dict:
   return {**result, "auroc": auroc(score, ood), "auprc": auprc, "fpr_at_95_tpr": float(fpr[recall >= 0.95].min())}
 
 
-def selective_prediction(confidence: np.ndarray, correct: np.ndarray) -> dict:
-  """Accuracy of the k most confident rows for every k, ties entering pro rata; the area is its mean."""
+def selective_prediction(confidence: np.ndarray, correct: np.ndarray, order: np.ndarray | None = None) -> dict:
+  """Accuracy of the k most confident rows for every k, ties entering pro rata; the area is its mean.
+  `order`: the rows by descending confidence, when the caller has it."""
   n = len(confidence)
-  order = np.argsort(-np.asarray(confidence, np.float64), kind="stable")
+  order = np.argsort(-np.asarray(confidence, np.float64), kind="stable") if order is None else order
   c, a = np.asarray(confidence, np.float64)[order], np.asarray(correct, np.float64)[order]
   start = np.r_[True, c[1:] != c[:-1]]
   group = np.cumsum(start) - 1
@@ -594,11 +585,13 @@ def fit_rows(source: Source) -> tuple[np.ndarray, str]:
 
 
 def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda message: None) -> dict:
-  """Every metric of calibration.json for a predictions file (two streaming passes; see the module doc)."""
+  """Every metric of calibration.json for a predictions file (one streaming pass, sometimes two; see the
+  module doc)."""
   source = open_predictions(path)
   n, k = source.num_rows, source.num_classes
   clock = time.perf_counter()
   fit, fit_how = fit_rows(source)
+  held = ~fit
   # Groups: 0 = all rows, then one per split value, one per shift value, and the held-out rows.
   names, kinds = ["all"], [np.zeros(n, np.int32)]
   for kind, (codes, values) in source.groups.items():
@@ -607,15 +600,15 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
   held_group = len(names)
   names.append("held_out")
   kinds.append(np.where(fit, -1, held_group).astype(np.int32))
-  acc = Accumulator(len(names), k)
+  acc = Accumulator(len(names), k, classwise_groups=held_group)
   confidence, correct = np.empty(n), np.empty(n, bool)
   top, gap_label = np.empty(n, np.float32), np.empty(n)
+  # The shifted scores of the fit rows (for the Newton passes) and of the held-out rows (to apply the fitted
+  # temperature). Beyond the budget they go to a temporary file written with O_DIRECT; where that is not
+  # possible the held-out rows are decoded from the input again (evaluators/rowstore.py: cheaper than
+  # writing gigabytes through the page cache).
   store = RowStore(k, store_budget_bytes)
-  held = ~fit
-  # The held-out rows' scores are kept in memory for applying the temperature when they fit in the budget;
-  # otherwise the file is read a second time (spilling them to disk was slower than decoding again: writes
-  # of gigabytes hit the kernel's dirty-page throttling on the machine this was measured on).
-  held_scores = RowStore(k, store_budget_bytes) if int(held.sum()) * k * 4 <= store_budget_bytes else None
+  held_store = RowStore(k, min(store_budget_bytes, HELD_MEMORY_BYTES), buffered_spill=False)
   scratch = np.empty((max(1, CHUNK_FLOATS // k), k), np.float32)
   flags = np.empty(scratch.shape, bool)
   try:
@@ -623,15 +616,18 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
       x = score_matrix(source, batch.column(1), row0)
       labels = _labels(source, batch.column(0), row0)
       rows = slice(row0, row0 + len(x))
-      stats = chunk_stats(source, x, labels, row0, scratch, flags)
+      d, chunk_top, pred = top_label(source, x, row0, scratch, flags)
+      fit_here = fit[rows]
+      store.append(d, np.flatnonzero(fit_here))
+      if held_store.ok:
+        held_store.append(d, np.flatnonzero(~fit_here))
+      stats = chunk_stats(source, x, d, labels, chunk_top, pred)
       acc.add(stats, labels, [codes[rows] for codes in kinds], flags)
       confidence[rows], correct[rows], top[rows], gap_label[rows] = (stats.confidence, stats.correct, stats.top,
                                                                    stats.gap_label)
-      chosen = np.flatnonzero(fit[rows])
-      if chosen.size:
-        store.append(shifted_log_scores(source, x[chosen], stats.top[chosen], scratch))
-      if held_scores is not None and chosen.size < len(x):
-        held_scores.append(x[held[rows]] if chosen.size else x)
+    if not store.ok:
+      raise ContractError(f"{path}: cannot keep the temperature fit rows in a temporary file "
+                          f"({store.spill.error})")
     log(f"calibrate: pass 1 (decode, single-pass metrics, rows kept for the temperature): "
         f"{time.perf_counter() - clock:.1f} s for {n} rows x {k} classes")
     clock = time.perf_counter()
@@ -641,21 +637,22 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
     result["ece_equal_mass"] = metrics.equal_mass_calibration_error(confidence, correct)
     result.update({key: overall[key] for key in ("rms_ce", "classwise_ece")})
     temperature = _fit(store, gap_label[fit], k)
-    log(f"calibrate: temperature {temperature:.4g} fitted on {int(fit.sum())} rows: {time.perf_counter() - clock:.1f} s")
+    log(f"calibrate: temperature {temperature:.4g} fitted on {int(fit.sum())} rows "
+        f"({store.spilled} spill): {time.perf_counter() - clock:.1f} s")
     clock = time.perf_counter()
     result["temperature"] = temperature
-    scaled = _held_out_scaled(source, held, held_scores, top, gap_label, correct, temperature) \
-        if held.any() else None
+    scaled = _held_out_scaled(source, held, held_store if held_store.ok else None, top, gap_label, correct,
+                              temperature) if held.any() else None
     result["ece_temperature_scaled"] = scaled["after"]["ece"] if scaled else None
-    held = acc.group_metrics(held_group)
+    held_metrics = acc.group_metrics(held_group)
     result["temperature_fit"] = {
-        "fit_rows": fit_how, "num_fit": int(fit.sum()), "num_held_out": int((~fit).sum()),
+        "fit_rows": fit_how, "num_fit": int(fit.sum()), "num_held_out": int(held.sum()),
         "range": list(TEMPERATURE_RANGE),
-        "held_out_before": ({"ece": held["ece"], "nll": held["nll"], "reliability": held["reliability"]}
+        "held_out_before": ({key: held_metrics[key] for key in ("ece", "nll", "reliability")}
                             if scaled else None),
         "held_out_after": scaled["after"] if scaled else None}
-    log(f"calibrate: held-out rows at T ({'kept in memory' if held_scores is not None else 'decoded again'}): "
-        f"{time.perf_counter() - clock:.1f} s")
+    how = f"kept ({held_store.spilled} spill)" if held_store.ok else "decoded again"
+    log(f"calibrate: held-out rows at T ({how}): {time.perf_counter() - clock:.1f} s")
     clock = time.perf_counter()
     result["bootstrap"] = bootstrap_intervals(confidence, correct)
     result["reliability"] = overall["reliability"]
@@ -669,15 +666,15 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
           result[f"{kind}s"][name.split(":", 1)[1]] = m
     if source.ood is not None:
       result["ood"] = ood_metrics(confidence, source.ood)
-    result["selective_prediction"] = selective_prediction(confidence, correct)
-    result["calibration_auc"] = auroc(confidence, correct)
+    order = np.argsort(-confidence, kind="stable")  # one sort for both
+    result["selective_prediction"] = selective_prediction(confidence, correct, order)
+    result["calibration_auc"] = auroc(confidence, correct, order)
     log(f"calibrate: equal-mass ECE, bootstrap, breakdowns, OOD, selective prediction: "
         f"{time.perf_counter() - clock:.1f} s")
     return result
   finally:
     store.close()
-    if held_scores is not None:
-      held_scores.close()
+    held_store.close()
 
 
 def _fit(store: RowStore, gap_label: np.ndarray, k: int) -> float:
@@ -688,24 +685,24 @@ def _fit(store: RowStore, gap_label: np.ndarray, k: int) -> float:
   return fit_temperature(lambda: store.chunks(rows_per_chunk), gap_label, 1.0 / start)
 
 
-def _held_out_scaled(source: Source, held: np.ndarray, held_scores: RowStore | None, top: np.ndarray,
+def _held_out_scaled(source: Source, held: np.ndarray, held_store: RowStore | None, top: np.ndarray,
                      gap_label: np.ndarray, correct: np.ndarray, temperature: float) -> dict:
-  """Top-label confidence and NLL of softmax(z / T) on the held-out rows, from their stored scores (or, when
-  they were not stored, from a second read of the file)."""
+  """Top-label confidence and NLL of softmax(z / T) on the held-out rows, from their kept shifted scores (or,
+  when they were not kept, from a second read of the file)."""
   beta = np.float32(1.0 / temperature)
   rows_per_chunk = max(1, CHUNK_FLOATS // source.num_classes)
-  scratch = np.empty((rows_per_chunk, source.num_classes), np.float32)
+  scratch = np.empty(rows_per_chunk * source.num_classes, np.float32)
   conf_scaled, nll, done = np.empty(int(held.sum())), 0.0, 0
-  for rows, x in _held_chunks(source, held, held_scores, rows_per_chunk):
-    d = shifted_log_scores(source, x, top[rows], scratch)
-    if beta != 1:
-      np.multiply(d, beta, out=d)
-    np.exp(d, out=d)
-    keep = held[rows]
-    s = d.sum(axis=1).astype(np.float64)[keep]
-    chosen = rows[keep]
+  for rows, d in _held_chunks(source, held, held_store, top, scratch, rows_per_chunk):
+    if scratch.size < d.size:
+      scratch = np.empty(d.size, np.float32)
+    e = np.multiply(d, beta, out=scratch[:d.size].reshape(d.shape))
+    np.exp(e, out=e)
+    s = e.sum(axis=1).astype(np.float64)
+    keep = held[rows]  # all of them, except in whole chunks of a second read
+    s, rows = s[keep], rows[keep]
     conf_scaled[done:done + len(s)] = 1.0 / s
-    nll += float((np.log(s) + float(beta) * gap_label[chosen]).sum())
+    nll += float((np.log(s) + float(beta) * gap_label[rows]).sum())
     done += len(s)
   held_correct = correct[held]
   sums = metrics.bin_sums(metrics.equal_width_bin_index(conf_scaled, NUM_BINS), conf_scaled, held_correct, NUM_BINS)
@@ -713,19 +710,21 @@ def _held_out_scaled(source: Source, held: np.ndarray, held_scores: RowStore | N
                     "reliability": metrics.reliability_from_sums(*sums, np.linspace(0, 1, NUM_BINS + 1))}}
 
 
-def _held_chunks(source: Source, held: np.ndarray, held_scores: RowStore | None, rows_per_chunk: int):
-  """(row numbers, scores of those rows): the stored held-out rows, or whole chunks of a second read of the
-  file (every row is computed and the held-out ones kept: cheaper than copying them out)."""
-  if held_scores is not None:
+def _held_chunks(source: Source, held: np.ndarray, held_store: RowStore | None, top: np.ndarray,
+                 scratch: np.ndarray, rows_per_chunk: int):
+  """(row numbers, shifted scores d of those rows): the kept held-out rows, or whole chunks of a second read
+  of the file (every row is computed and the held-out ones kept: cheaper than copying them out)."""
+  if held_store is not None:
     index, done = np.flatnonzero(held), 0
-    for x in held_scores.chunks(rows_per_chunk):
-      yield index[done:done + len(x)], x
-      done += len(x)
+    for d in held_store.chunks(rows_per_chunk):
+      yield index[done:done + len(d)], d
+      done += len(d)
     return
   for row0, batch in _chunks(source, [source.score]):
     x = score_matrix(source, batch.column(0), row0)
-    if held[row0:row0 + len(x)].any():
-      yield np.arange(row0, row0 + len(x)), x
+    rows = np.arange(row0, row0 + len(x))
+    if held[rows].any():
+      yield rows, shifted_log_scores(source, x, top[rows], scratch.reshape(-1, source.num_classes))
 
 
 # ---------------------------------------------------------------- artifacts
@@ -749,12 +748,13 @@ def calibrate(predictions_path: str, output_dir: str, log=print) -> dict:
   from concurrent.futures import ThreadPoolExecutor
 
   from schemas.lineage import fingerprint_path, write_lineage
-  remote_input = "://" in predictions_path
+  # gs:// inputs are fingerprinted by their GCS checksums (no download); other URIs are named only.
+  named_only = "://" in predictions_path and not storage.is_gcs(predictions_path)
   with ThreadPoolExecutor(max_workers=2) as background:
-    # Both overlap the streaming passes, which leave a core partly idle: the lineage hash of the input and
+    # Both overlap the streaming pass, which leaves a core partly idle: the lineage hash of the input and
     # importing matplotlib (seconds each on large inputs / without cached bytecode).
-    fingerprint = None if remote_input or not os.path.exists(predictions_path) else \
-        background.submit(fingerprint_path, predictions_path)
+    fingerprint = None if named_only or ("://" not in predictions_path and not os.path.exists(predictions_path)) \
+        else background.submit(fingerprint_path, predictions_path)
     background.submit(__import__, "evaluators.plots")
     result = json_safe(analyse(predictions_path, log=log))
     clock = time.perf_counter()
@@ -776,10 +776,13 @@ def calibrate(predictions_path: str, output_dir: str, log=print) -> dict:
     log(f"calibrate: figures, HTML and JSON: {time.perf_counter() - clock:.1f} s")
     config = {"num_bins": NUM_BINS, "num_equal_mass_bins": NUM_EQUAL_MASS_BINS, "seed": SEED,
               "bootstrap_replicates": BOOTSTRAP_REPLICATES, "predictions": predictions_path}
-    # A remote input is named, not fingerprinted (hashing it would download it a second time).
-    write_lineage(local_dir, "calibrate", config, {} if remote_input else {"predictions": predictions_path},
+    # A remote input other than gs:// is named, not fingerprinted (hashing it would download it again).
+    write_lineage(local_dir, "calibrate", config, {} if named_only else {"predictions": predictions_path},
                   fingerprints)
-    if remote:
+    if storage.is_gcs(output_dir):
+      for name in sorted(os.listdir(local_dir)):
+        storage.upload_file(os.path.join(local_dir, name), storage.join(output_dir, name))
+    elif remote:
       from pyarrow import fs
       filesystem, inner = fs.FileSystem.from_uri(output_dir)
       filesystem.create_dir(inner, recursive=True)

@@ -153,6 +153,23 @@ def evaluate_variant(shard_dir: str, checkpoints_dir: str, output_dir: str, log=
 _METHOD_ORDER = ("deterministic", "temperature_scaling", "label_smoothing", "mc_dropout", "ensemble")
 
 
+def evaluate_model(shard_dir: str, checkpoints_dir: str, output_dir: str, log=print) -> list[dict]:
+  """evaluate_variant for every variant that trainers.variants.train_model wrote (checkpoints_dir/<method>),
+  into output_dir/<method>; output_dir/summary.json holds all their leaderboard rows."""
+  from trainers.variants import VARIANT_FILENAME
+  methods = sorted((m for m in os.listdir(checkpoints_dir)
+                    if os.path.exists(os.path.join(checkpoints_dir, m, VARIANT_FILENAME))),
+                   key=lambda m: _METHOD_ORDER.index(m) if m in _METHOD_ORDER else 99)
+  rows = []
+  for method in methods:
+    rows += evaluate_variant(shard_dir, os.path.join(checkpoints_dir, method), os.path.join(output_dir, method),
+                             log=log)
+  with open(os.path.join(output_dir, SUMMARY_FILENAME + ".tmp"), "w", encoding="utf-8") as f:
+    json.dump(rows, f, indent=1, sort_keys=True)
+  os.replace(os.path.join(output_dir, SUMMARY_FILENAME + ".tmp"), os.path.join(output_dir, SUMMARY_FILENAME))
+  return rows
+
+
 def render_study_report(evaluation_dirs: list[str], output_path: str) -> list[dict]:
   """report.html of the study from the evaluate_variant outputs; returns the leaderboard rows."""
   from evaluators.report import _STYLE, _img, _table

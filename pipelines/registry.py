@@ -12,10 +12,8 @@ def _smoke(target):
 
 
 def _calibration_study(target):
-  if target is not None:
-    raise ContractError("calibration_study has no runtime targets yet; compile it without --target")
-  from pipelines.calibration_study import calibration_study
-  return calibration_study
+  from pipelines.calibration_study import build
+  return build(target)
 
 
 _PIPELINES = {"smoke": _smoke, "calibration_study": _calibration_study}

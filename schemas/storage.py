@@ -28,11 +28,18 @@ def _gcs():
   return _client
 
 
-def open_file(path: str, mode: str = "rb") -> IO:
+def open_file(path: str, mode: str = "rb", chunk_size: int | None = None) -> IO:
+  """A gs:// object opens as google-cloud-storage's seekable reader/writer, which moves `chunk_size` bytes
+  (a multiple of 256 KiB; default 40 MiB) per request."""
   if is_gcs(path):
     bucket, name = _split(path)
-    return _gcs().bucket(bucket).blob(name).open(mode)
+    return _gcs().bucket(bucket).blob(name).open(mode, chunk_size=chunk_size)
   return open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def upload_file(local_path: str, uri: str) -> None:
+  bucket, name = _split(uri)
+  _gcs().bucket(bucket).blob(name).upload_from_filename(local_path)
 
 
 def exists(path: str) -> bool:

@@ -4,6 +4,12 @@ A variant is a dict (a KFP ParallelFor item), for example
   {"name": "S", "width": 32, "depth": 1, "method": "mc_dropout", "dropout": 0.2, "mc_samples": 8}
 Methods: deterministic | label_smoothing | mc_dropout | ensemble. Temperature scaling is post hoc: a variant
 with "temperature_scaling": true is also evaluated with its logits divided by the temperature fitted on val.
+
+The study's ParallelFor runs over models: a size with its methods,
+  {"name": "S", "width": 32, "depth": 1, "methods": [{"method": "deterministic"}, {"method": "ensemble"}]}
+and `train_model` trains each distinct member once: members whose configs are equal are the same model
+(training is deterministic given config and seed), e.g. the deterministic model and the ensemble's seed-0
+member.
 """
 
 import json
@@ -76,3 +82,50 @@ def train_variant(shard_dir: str, workdir: str, variant: dict, overrides: dict, 
     json.dump(record, f, indent=1, sort_keys=True)
   os.replace(os.path.join(workdir, VARIANT_FILENAME + ".tmp"), os.path.join(workdir, VARIANT_FILENAME))
   return record
+
+
+def model_variants(model: dict) -> list[dict]:
+  """The variants of one model entry: its size keys merged into each of its methods (one variant per method)."""
+  if not isinstance(model, dict) or not model.get("methods"):
+    raise ContractError(f"model {model!r}: expected a dict with a non-empty 'methods' list")
+  size = {k: v for k, v in model.items() if k != "methods"}
+  variants = [validate_variant({**size, **method}) for method in model["methods"]]
+  methods = [v["method"] for v in variants]
+  if len(set(methods)) < len(methods):
+    raise ContractError(f"model {model.get('name', '?')}: a method appears twice in {methods}")
+  return variants
+
+
+def _member_name(overrides: dict) -> str:
+  return (f"member-seed{overrides['seed']}-dropout{overrides['model.dropout']:g}"
+          f"-ls{overrides['train.label_smoothing']:g}")
+
+
+def train_model(shard_dir: str, workdir: str, model: dict, overrides: dict, log=print) -> list[dict]:
+  """Trains the members of every variant of a model, each distinct member once, under workdir/member-*;
+  writes workdir/<method>/variant.json (members' dirs relative to it) for evaluators.study.evaluate_variant."""
+  from trainers.configs import apply_overrides, load_config
+  from trainers.train import train
+  base_seed = int(overrides.get("seed", 0))
+  trained, records = {}, []
+  for variant in model_variants(model):
+    members = []
+    for offset in variant["seeds"]:
+      seed = base_seed + offset
+      member = member_overrides(variant, seed)
+      name = _member_name(member)
+      if name not in trained:
+        config = apply_overrides(load_config("smoke"), {**overrides, **member})
+        log(f"study: training {variant['name']} {name} (for {variant['method']})")
+        trained[name] = train(shard_dir, os.path.join(workdir, name), config, log=log)
+      else:
+        log(f"study: {variant['name']}/{variant['method']} member seed {seed} is {name}, already trained")
+      members.append({"seed": seed, "dir": os.path.join("..", name), "final": trained[name]})
+    record = {"variant": variant, "members": members}
+    directory = os.path.join(workdir, variant["method"])
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, VARIANT_FILENAME + ".tmp"), "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(os.path.join(directory, VARIANT_FILENAME + ".tmp"), os.path.join(directory, VARIANT_FILENAME))
+    records.append(record)
+  return records

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -177,18 +178,93 @@ def test_without_a_val_split_a_seeded_fifth_of_rows_is_fitted(tmp_path):
                                                        for f in (0.995, 1.005))
 
 
-def test_spilled_rows_and_a_second_read_give_the_same_results(tmp_path, monkeypatch):
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_spilled_rows_and_a_second_read_give_the_same_results(tmp_path, monkeypatch, direct_io):
+  from evaluators import rowstore
   labels, logits = random_case(n=400, k=6, seed=3)
   path = write(tmp_path / "p.parquet", labels, logits, row_group_size=50)
   monkeypatch.setattr(calibration, "CHUNK_FLOATS", 6 * 64)
   in_memory = calibration.analyse(path)
-  # Fit rows beyond 100 rows go to a temporary file; held-out rows (over 100 rows) are read from the file again.
-  spilled = calibration.analyse(path, store_budget_bytes=6 * 4 * 100)
-  for other in (spilled,):
-    assert other["temperature"] == pytest.approx(in_memory["temperature"], rel=1e-9)
-    assert other["ece_temperature_scaled"] == pytest.approx(in_memory["ece_temperature_scaled"], rel=1e-9)
-    assert other["temperature_fit"]["held_out_after"]["nll"] == pytest.approx(
-        in_memory["temperature_fit"]["held_out_after"]["nll"], rel=1e-9)
+  monkeypatch.setattr(rowstore, "use_direct_io", direct_io)
+  if direct_io and rowstore.DirectSpill.create(6) is None:
+    pytest.skip("no O_DIRECT in the temporary directory")
+  logs = []
+  # Fit rows (80) beyond 50 go to a temporary file (O_DIRECT, else through the page cache); held-out rows
+  # (320) beyond 50 go to an O_DIRECT file, else are read from the Parquet file again.
+  spilled = calibration.analyse(path, store_budget_bytes=6 * 4 * 50, log=logs.append)
+  expected = ("direct spill", "kept (direct spill)") if direct_io else ("buffered spill", "decoded again")
+  assert expected[0] in logs[1] and expected[1] in logs[2], logs
+  assert spilled["temperature"] == pytest.approx(in_memory["temperature"], rel=1e-9)
+  assert spilled["ece_temperature_scaled"] == pytest.approx(in_memory["ece_temperature_scaled"], rel=1e-9)
+  assert spilled["temperature_fit"]["held_out_after"]["nll"] == pytest.approx(
+      in_memory["temperature_fit"]["held_out_after"]["nll"], rel=1e-9)
+
+
+@pytest.mark.parametrize("k", [6, 1000, 1001])
+def test_direct_spill_gives_back_the_rows_in_order(k):
+  from evaluators import rowstore
+  spill = rowstore.DirectSpill.create(k)
+  if spill is None:
+    pytest.skip("no O_DIRECT in the temporary directory")
+  try:
+    rng = np.random.default_rng(k)
+    parts = [rng.standard_normal((n, k)).astype(np.float32) for n in (1, 700, spill.block_rows, 3)]
+    picks = [np.flatnonzero(rng.random(len(p)) < .7) for p in parts]
+    for part, pick in zip(parts, picks):
+      spill.append(part, pick)
+    back = np.concatenate([block.copy() for block in spill.chunks()])
+    np.testing.assert_array_equal(back, np.concatenate([p[i] for p, i in zip(parts, picks)]))
+    assert len(np.concatenate(list(spill.chunks()))) == len(back)  # read again, e.g. by a second Newton pass
+  finally:
+    spill.close()
+
+
+def test_row_store_head_and_memory_then_spill():
+  from evaluators import rowstore
+  store = rowstore.RowStore(3, budget_bytes=3 * 4 * 5)
+  rows = np.arange(36, dtype=np.float32).reshape(12, 3)
+  store.append(rows, np.arange(4))
+  store.append(rows, np.arange(4, 12))
+  try:
+    assert store.ok and store.rows == 12 and store.spilled in ("direct", "buffered")
+    np.testing.assert_array_equal(np.concatenate([c.copy() for c in store.chunks(2)]), rows)
+    np.testing.assert_array_equal(store.head(7), rows[:7])
+  finally:
+    store.close()
+  dropped = rowstore.RowStore(3, budget_bytes=3 * 4 * 5, buffered_spill=False)
+  rowstore_direct = rowstore.use_direct_io
+  rowstore.use_direct_io = False
+  try:
+    dropped.append(rows, np.arange(12))
+    assert not dropped.ok
+  finally:
+    rowstore.use_direct_io = rowstore_direct
+    dropped.close()
+
+
+def test_classwise_ece_at_bin_edges_and_one(tmp_path):
+  # Probabilities at the float32 values nearest b/15 (below, nearest, above) and at 0 and 1: the class-wise
+  # bins (above 1/15 binned one by one, bin 0 from the column totals) agree with the loop implementation.
+  near = [np.nextafter(np.float32(b / 15), np.float32(t)) for b in range(1, 15) for t in (0, b / 15, 1)]
+  rows = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]] + [[v, 1 - v, 0.0] for v in near] + \
+         [[v, 0.0, 1 - v] for v in near[::-1]] + [[(1 - v) / 2, v, (1 - v) / 2] for v in near]
+  probs = np.asarray(rows, np.float32)
+  labels = np.random.default_rng(12).integers(0, 3, len(probs))
+  r = calibration.analyse(write(tmp_path / "p.parquet", labels, probs, column="probs"))
+  as_read = probs.astype(np.float64)
+  expected = ref_classwise_ece(as_read, labels)
+  assert r["classwise_ece"] == pytest.approx(expected, abs=1e-7)  # bin 0 from float32 column sums
+  assert r["ece"] == pytest.approx(ref_ece(as_read, labels), abs=1e-12)
+  # The cases straddle every edge: the float32 neighbours of b/15 fall on both sides of it.
+  sides = [(equal_width(float(below)), equal_width(float(above))) for below, above in zip(near[0::3], near[2::3])]
+  assert sides == [(b - 1, b) for b in range(1, 15)]
+  # From logits (softmax in float32, so no exact edges): rows with probability 1.0 and exact ties.
+  logits = np.array([[0, -200, -200], [-200, 0, -200], [0, 0, 0], [3, 3, 0], [1, 1, 1], [0, 0, -1e4]] * 5,
+                    np.float32)
+  labels = np.random.default_rng(13).integers(0, 3, len(logits))
+  r = calibration.analyse(write(tmp_path / "l.parquet", labels, logits))
+  assert r["reliability"]["count"][14] == 10  # the rows of probability 1.0
+  assert r["classwise_ece"] == pytest.approx(ref_classwise_ece(ref_softmax(logits), labels), abs=1e-6)
 
 
 def test_rank_metrics_hand_computed():
@@ -370,3 +446,34 @@ def test_uri_paths_read_and_write_through_pyarrow_filesystems(tmp_path):
   write(tmp_path / "p.parquet", labels, logits)
   result = calibration.calibrate(f"file://{tmp_path}/p.parquet", f"file://{tmp_path}/remote", log=lambda m: None)
   assert json.loads((tmp_path / "remote" / "calibration.json").read_text())["ece"] == result["ece"]
+
+
+def test_gs_predictions_and_output_match_a_local_run(gcs_emulator, tmp_path, monkeypatch, capsys):
+  labels, logits = random_case(n=3000, k=40, seed=14)
+  path = write(tmp_path / "p.parquet", labels, logits, row_group_size=400,
+               split=["val"] * 500 + ["test"] * 2500)
+  gcs_emulator.bucket("patchflow-test").blob("preds/p.parquet").upload_from_filename(path)
+  # Small chunks and range requests: the file streams from the emulator in many reads.
+  monkeypatch.setattr(calibration, "CHUNK_FLOATS", 40 * 256)
+  monkeypatch.setattr(calibration, "GCS_READ_BYTES", 256 * 1024)
+  requests = []
+  from google.cloud.storage import Blob
+  download = Blob.download_as_bytes
+  monkeypatch.setattr(Blob, "download_as_bytes", lambda self, *a, **kw: requests.append(kw) or download(self, *a, **kw))
+  assert main(["calibrate", "--predictions", path, "--output", str(tmp_path / "local")]) == 0
+  assert main(["calibrate", "--predictions", "gs://patchflow-test/preds/p.parquet",
+               "--output", "gs://patchflow-test/out/cal"]) == 0
+  bucket = gcs_emulator.bucket("patchflow-test")
+  names = {b.name for b in bucket.list_blobs(prefix="out/cal/")}
+  assert {f"out/cal/{n}" for n in ("calibration.json", "calibration.html", "reliability.png", "lineage.json",
+                                   "selective_prediction.png", "reliability_temperature_scaled.png")} <= names
+  remote = json.loads(bucket.blob("out/cal/calibration.json").download_as_bytes())
+  local = json.loads((tmp_path / "local" / "calibration.json").read_text())
+  assert remote == local
+  ranged = [r for r in requests if r.get("start") is not None]  # never the whole file (500 KB) at once
+  assert len(ranged) >= 3 and max(r["end"] - r["start"] for r in ranged) <= 256 * 1024 < os.path.getsize(path)
+  lineage = json.loads(bucket.blob("out/cal/lineage.json").download_as_bytes())
+  assert lineage["inputs"]["predictions"]["path"] == "gs://patchflow-test/preds/p.parquet"
+  assert lineage["inputs"]["predictions"]["fingerprint"]  # from the object's GCS checksum
+  assert main(["calibrate", "--predictions", "gs://patchflow-test/preds/missing.parquet", "--output", "o"]) == 2
+  assert capsys.readouterr().err.strip().endswith("gs://patchflow-test/preds/missing.parquet: no such file")

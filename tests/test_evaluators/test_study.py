@@ -81,3 +81,26 @@ def test_each_method_is_trained_evaluated_and_reported(shard_dir, tmp_path):
   for method in ("deterministic", "temperature_scaling", "mc_dropout", "ensemble"):
     assert f"T / {method}" in html
   assert "shifted accuracy" in html and "ms per example" in html
+
+
+def test_a_model_trains_each_distinct_member_once_and_evaluates_every_method(shard_dir, tmp_path):
+  from trainers.variants import model_variants, train_model
+  model = {"name": "T", "width": 16, "depth": 1, "heads": 2, "methods": [
+      {"method": "deterministic", "temperature_scaling": True}, {"method": "label_smoothing"},
+      {"method": "ensemble", "seeds": [0, 1]}]}
+  logs = []
+  records = train_model(str(shard_dir), str(tmp_path / "ckpt"), model, TINY, log=logs.append)
+  members = sorted(d.name for d in (tmp_path / "ckpt").iterdir() if d.name.startswith("member-"))
+  # deterministic seed 0 = ensemble seed 0; label smoothing is another objective, so another model.
+  assert members == ["member-seed0-dropout0-ls0", "member-seed0-dropout0-ls0.1", "member-seed1-dropout0-ls0"]
+  assert records[0]["members"][0]["dir"] == records[2]["members"][0]["dir"]
+  assert any("already trained" in m for m in logs)
+  rows = study.evaluate_model(str(shard_dir), str(tmp_path / "ckpt"), str(tmp_path / "eval"), log=lambda m: None)
+  assert [r["method"] for r in rows] == ["deterministic", "temperature_scaling", "label_smoothing", "ensemble"]
+  assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == rows
+  by_method = {r["method"]: r for r in rows}
+  assert by_method["ensemble"]["params"] == 2 * by_method["deterministic"]["params"]
+  with pytest.raises(ContractError, match="a method appears twice"):
+    model_variants({**model, "methods": [{"method": "ensemble"}, {"method": "ensemble"}]})
+  with pytest.raises(ContractError, match="non-empty 'methods'"):
+    model_variants({"name": "T", "width": 16, "depth": 1})

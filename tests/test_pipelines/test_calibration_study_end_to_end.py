@@ -1,5 +1,5 @@
 """The calibration_study DAG through the real `patchflow` command: kfp.local really runs its dsl.ParallelFor
-and dsl.Collected (tiny settings, two variants)."""
+and dsl.Collected (tiny settings, one model with two methods that share a member)."""
 
 import json
 import os
@@ -7,13 +7,13 @@ import re
 import subprocess
 import sys
 
-VARIANTS = [{"name": "T", "width": 16, "depth": 1, "heads": 2, "method": "deterministic", "temperature_scaling": True},
-            {"name": "T", "width": 16, "depth": 1, "heads": 2, "method": "ensemble", "seeds": [0, 1]}]
+MODELS = [{"name": "T", "width": 16, "depth": 1, "heads": 2, "methods": [
+    {"method": "deterministic", "temperature_scaling": True}, {"method": "ensemble", "seeds": [0, 1]}]}]
 TINY = ["--set", "num_train=40", "--set", "num_val=20", "--set", "num_test=20", "--set", "steps=4",
-        "--set", "batch_size=4", "--set", f"variants={json.dumps(VARIANTS)}"]
+        "--set", "batch_size=4", "--set", f"models={json.dumps(MODELS)}"]
 
 
-def test_study_runs_every_variant_and_reports(tmp_path):
+def test_study_runs_every_model_and_reports(tmp_path):
   exe = os.path.join(os.path.dirname(sys.executable), "patchflow")
   result = subprocess.run([exe, "run", "calibration_study", *TINY, "--home", str(tmp_path)], capture_output=True,
                           text=True, timeout=900)
@@ -25,9 +25,11 @@ def test_study_runs_every_variant_and_reports(tmp_path):
   assert {s["verdict"] for s in record["steps"].values()} == {"SUCCEEDED"}
   root = record["execution_root"]
   iterations = sorted(d for d in os.listdir(root) if "-iteration-" in d)
-  assert len(iterations) == 2  # one per variant, each with its own train and evaluate directories
+  assert len(iterations) == 1  # one per model, with its own train and evaluate directories
   for d in iterations:
-    assert os.path.exists(os.path.join(root, d, "evaluate-variant", "evaluation", "summary.json"))
+    assert os.path.exists(os.path.join(root, d, "evaluate-model", "evaluation", "summary.json"))
+    members = [m for m in os.listdir(os.path.join(root, d, "train-model", "checkpoints")) if m.startswith("member-")]
+    assert len(members) == 2  # seeds 0 and 1: the deterministic model is the ensemble's seed-0 member
   html = open(match.group(2), encoding="utf-8").read()
   for row in ("T / deterministic", "T / temperature_scaling", "T / ensemble"):
     assert row in html

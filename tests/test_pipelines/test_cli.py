@@ -98,7 +98,7 @@ def test_unknown_target_is_one_clear_line(capsys):
 def test_loop_tasks_are_checked_in_every_iteration(tmp_path):
   tasks = dag_tasks(registry.get_pipeline("calibration_study"))
   loop = [t for t in tasks if "-iteration-*/" in t]
-  assert sorted(t.rsplit("/", 1)[1] for t in loop) == ["evaluate-variant", "train-variant"]
+  assert sorted(t.rsplit("/", 1)[1] for t in loop) == ["evaluate-model", "train-model"]
   root = tmp_path / "exec"
   for task, artifacts in tasks.items():
     for d in ([root / task.replace("*", str(i)) for i in range(3)] if "*" in task else [root / task]):
@@ -109,19 +109,19 @@ def test_loop_tasks_are_checked_in_every_iteration(tmp_path):
         (d / a / "x").write_text("x")
   statuses = {t.rsplit("/", 1)[-1]: "SUCCESS" for t in tasks}
   assert {v for v, _ in check_outputs(str(root), tasks, statuses).values()} == {"SUCCEEDED"}
-  train = next(t for t in loop if t.endswith("train-variant"))
+  train = next(t for t in loop if t.endswith("train-model"))
   (root / train.replace("*", "2") / "executor_output.json").unlink()  # one iteration of three failed
   assert check_outputs(str(root), tasks, statuses)[train][0] == "FAILED"
 
 
 def test_list_parameters_are_json():
   study = registry.get_pipeline("calibration_study")
-  params = registry.parse_parameters(study, ['variants=[{"name": "S", "width": 8, "depth": 1, "method": "ensemble"}]'])
-  assert params["variants"][0]["method"] == "ensemble"
-  with pytest.raises(ContractError, match="parameter 'variants': expected a JSON list"):
-    registry.parse_parameters(study, ["variants=S,M"])
-  with pytest.raises(ContractError, match="parameter 'variants': expected list"):
-    registry.parse_parameters(study, ['variants={"a": 1}'])
+  params = registry.parse_parameters(study, ['models=[{"name": "S", "width": 8, "depth": 1, "methods": []}]'])
+  assert params["models"][0]["width"] == 8
+  with pytest.raises(ContractError, match="parameter 'models': expected a JSON list"):
+    registry.parse_parameters(study, ["models=S,M"])
+  with pytest.raises(ContractError, match="parameter 'models': expected list"):
+    registry.parse_parameters(study, ['models={"a": 1}'])
 
 
 def test_study_compiles_with_a_parallel_for(tmp_path):
@@ -144,3 +144,19 @@ def test_a_target_with_beam_args_sends_the_shard_builder_to_dataflow(tmp_path):
   assert main(["compile", "smoke", "--output", str(local)]) == 0
   params = yaml.safe_load(local.read_text())["root"]["dag"]["tasks"]["build-shards"]["inputs"]["parameters"]
   assert json.loads(params["beam_args"]["runtimeValue"]["constant"]) == []
+
+
+def test_the_study_compiles_for_a_target(tmp_path):
+  out = tmp_path / "study-gpu.yaml"
+  assert main(["compile", "calibration_study", "--target", "vertex-gpu", "--output", str(out)]) == 0
+  executors = yaml.safe_load(out.read_text())["deploymentSpec"]["executors"]
+  with_accelerator = {name for name, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
+  assert with_accelerator == {"exec-train-model", "exec-evaluate-model"}
+  assert executors["exec-train-model"]["container"]["resources"]["accelerator"]["resourceType"] == "NVIDIA_A100_80GB"
+  assert {e["container"]["image"] for e in executors.values()} == {
+      "us-docker.pkg.dev/YOUR_PROJECT/patchflow/patchflow:0.1.0-cuda"}
+  cpu = tmp_path / "study-cpu.yaml"
+  assert main(["compile", "calibration_study", "--target", "vertex-cpu", "--output", str(cpu)]) == 0
+  tasks = yaml.safe_load(cpu.read_text())["root"]["dag"]["tasks"]
+  args = json.loads(tasks["build-shards"]["inputs"]["parameters"]["beam_args"]["runtimeValue"]["constant"])
+  assert args[:2] == ["--runner", "DataflowRunner"]
