@@ -625,6 +625,7 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
       acc.add(stats, labels, [codes[rows] for codes in kinds], flags)
       confidence[rows], correct[rows], top[rows], gap_label[rows] = (stats.confidence, stats.correct, stats.top,
                                                                    stats.gap_label)
+    store.finish(), held_store.finish()  # the last blocks are written now: `ok` is final only after this
     if not store.ok:
       raise ContractError(f"{path}: cannot keep the temperature fit rows in a temporary file "
                           f"({store.spill.error})")

@@ -186,11 +186,25 @@ class BufferedSpill:
     self.file = open(os.path.join(self.dir, "rows.f32"), "w+b")
 
   def append(self, scores: np.ndarray, index: np.ndarray) -> None:
-    self.file.write(memoryview(np.ascontiguousarray(scores[index])).cast("B"))
+    if self.error is not None:
+      return
+    try:
+      self.file.write(memoryview(np.ascontiguousarray(scores[index])).cast("B"))
+    except OSError as e:
+      self.error = e
     self.rows += len(index)
 
+  def finish(self) -> None:
+    if self.error is None:
+      try:
+        self.file.flush()
+      except OSError as e:
+        self.error = e
+
   def chunks(self):
-    self.file.flush()
+    self.finish()
+    if self.error is not None:
+      raise self.error
     self.file.seek(0)
     buffer = np.empty((self.rows_per_chunk, self.k), np.float32)
     while (size := self.file.readinto(memoryview(buffer).cast("B"))):
@@ -216,7 +230,13 @@ class RowStore:
 
   @property
   def ok(self) -> bool:
+    """Whether every row appended so far is kept. Writes may be in flight: call finish() before relying on it."""
     return not self.dropped and (self.spill is None or self.spill.error is None)
+
+  def finish(self) -> None:
+    """Waits until every appended row is written (or has failed), so that `ok` is final."""
+    if self.spill is not None:
+      self.spill.finish()
 
   @property
   def spilled(self) -> str:

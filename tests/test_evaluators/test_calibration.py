@@ -1,5 +1,6 @@
 """evaluators/calibration.py against hand-computed cases and independent loop implementations written here."""
 
+import errno
 import json
 import math
 import os
@@ -198,6 +199,28 @@ def test_spilled_rows_and_a_second_read_give_the_same_results(tmp_path, monkeypa
   assert spilled["ece_temperature_scaled"] == pytest.approx(in_memory["ece_temperature_scaled"], rel=1e-9)
   assert spilled["temperature_fit"]["held_out_after"]["nll"] == pytest.approx(
       in_memory["temperature_fit"]["held_out_after"]["nll"], rel=1e-9)
+
+
+def test_a_held_out_spill_failing_on_its_last_block_falls_back_to_decoding_again(tmp_path, monkeypatch):
+  from evaluators import rowstore
+  if rowstore.DirectSpill.create(6) is None:
+    pytest.skip("no O_DIRECT in the temporary directory")
+  labels, logits = random_case(n=400, k=6, seed=3)
+  path = write(tmp_path / "p.parquet", labels, logits, row_group_size=50)
+  monkeypatch.setattr(calibration, "CHUNK_FLOATS", 6 * 64)
+  in_memory = calibration.analyse(path)
+  real_pwrite = os.pwrite
+
+  def disk_full_for_partial_blocks(fd, data, offset):
+    # The held-out spill's rows fit in one partial block, written only when the store is finished.
+    if len(data) == 8192:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_pwrite(fd, data, offset)
+  monkeypatch.setattr(rowstore.os, "pwrite", disk_full_for_partial_blocks)
+  logs = []
+  result = calibration.analyse(path, store_budget_bytes=6 * 4 * 50, log=logs.append)
+  assert "decoded again" in logs[2], logs
+  assert result["ece_temperature_scaled"] == pytest.approx(in_memory["ece_temperature_scaled"], rel=1e-9)
 
 
 @pytest.mark.parametrize("k", [6, 1000, 1001])
