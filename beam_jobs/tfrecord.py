@@ -11,29 +11,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-try:
-  import google_crc32c  # C implementation; a dependency of google-cloud-storage.
-
-  def crc32c(data: bytes) -> int:
-    return google_crc32c.value(data)
-
-  def crc32c_extend(crc: int, data) -> int:
-    return google_crc32c.extend(crc, data)
-except ImportError:  # pragma: no cover - Beam's fallback (crcmod, slower).
-  from apache_beam.io.tfrecordio import _default_crc32c_fn as crc32c
-
-  def crc32c_extend(crc: int, data) -> int:
-    import crcmod.predefined
-    fn = crcmod.predefined.mkPredefinedCrcFun("crc-32c")
-    return fn(bytes(data), crc)
-
-_MASK_DELTA = 0xA282EAD8
-
-
-def masked_crc32c(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
-
+from schemas.tfrecord_crc import crc32c_extend, mask_crc, masked_crc32c
 
 _SMALL_VARINTS = [bytes((v,)) for v in range(128)]
 
@@ -249,7 +227,7 @@ def record_pieces(pieces: list, size: int, small: int = 1 << 16) -> list:
       out.append(b"".join(run))
       run = []
     out.append(piece)
-  crc = (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+  crc = mask_crc(crc)
   run.append(struct.pack("<I", crc))
   out.append(b"".join(run))
   return out

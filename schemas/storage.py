@@ -28,12 +28,12 @@ def _gcs():
   return _client
 
 
-def open_file(path: str, mode: str = "rb", chunk_size: int | None = None) -> IO:
+def open_file(path: str, mode: str = "rb", chunk_size: int | None = None, generation: int | None = None) -> IO:
   """A gs:// object opens as google-cloud-storage's seekable reader/writer, which moves `chunk_size` bytes
-  (a multiple of 256 KiB; default 40 MiB) per request."""
+  (a multiple of 256 KiB; default 40 MiB) per request; `generation` (reads) pins one version of it."""
   if is_gcs(path):
     bucket, name = _split(path)
-    return _gcs().bucket(bucket).blob(name).open(mode, chunk_size=chunk_size)
+    return _gcs().bucket(bucket).blob(name, generation=generation).open(mode, chunk_size=chunk_size)
   return open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
@@ -57,11 +57,28 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def read_range(path: str, start: int, length: int) -> bytes:
-  """`length` bytes from byte `start` (one ranged GET on gs://)."""
+def generation(path: str) -> int | None:
+  """The current version of a gs:// object (None for a local path), to pin reads that must agree."""
+  if not is_gcs(path):
+    return None
+  bucket, name = _split(path)
+  blob = _gcs().bucket(bucket).get_blob(name)
+  if blob is None:
+    raise FileNotFoundError(f"{path}: not found")
+  return blob.generation
+
+
+def read_range(path: str, start: int, length: int, generation: int | None = None) -> bytes:
+  """`length` bytes from byte `start` (one ranged GET on gs://, of version `generation` when given: an
+  object replaced since is then an error, not other bytes)."""
   if is_gcs(path):
+    from google.api_core import exceptions
     bucket, name = _split(path)
-    data = _gcs().bucket(bucket).blob(name).download_as_bytes(start=start, end=start + length - 1)
+    try:
+      data = _gcs().bucket(bucket).blob(name, generation=generation).download_as_bytes(
+          start=start, end=start + length - 1)
+    except exceptions.NotFound:
+      raise FileNotFoundError(f"{path}: version {generation} not found; was it replaced while in use?") from None
   else:
     with open(path, "rb") as f:
       f.seek(start)

@@ -162,40 +162,42 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
   loss = float("nan")
   read_step = lambda step: train_records.read(
       batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"]))
-  for step, host_batch in prefetched(read_step, range(start + 1, tc["steps"] + 1)):
-    batch = sharding.shard_batch(mesh, host_batch)
-    with jax.set_mesh(mesh):  # the model pins its activations to this mesh (sharding.ACTIVATION_RULES)
-      loss, accuracy = train_step(model, optimizer, batch, label_smoothing=tc["label_smoothing"],
-                                  aux_weight=config["model"]["moe"]["aux_weight"])
-    window_images += int((host_batch["labels"] >= 0).sum())
-    window_steps += 1
-    is_log, is_save = step % tc["log_every"] == 0 or step == tc["steps"], step % tc["checkpoint_every"] == 0
-    if is_log or is_save or step == tc["steps"]:
-      loss = float(loss)
-      if not np.isfinite(loss):
-        manager.wait_until_finished()
-        raise FloatingPointError(f"train: loss is {loss} at step {step}; stopped, the last good checkpoint "
-                                 f"(step {manager.latest_step()}) is kept in {workdir}/checkpoints")
-    if is_log:
-      elapsed = time.perf_counter() - window_start
-      row = {"step": step, "loss": loss, "accuracy": float(accuracy), "learning_rate": float(schedule(step - 1)),
-             "images_per_second": window_images / max(elapsed, 1e-9),
-             "steps_per_second": window_steps / max(elapsed, 1e-9)}
-      row["tflops_per_second"] = flops_per_step * row["steps_per_second"] / 1e12
-      row["mfu"] = row["tflops_per_second"] / (peak * len(jax.devices())) if peak else None
-      _append_jsonl(metrics_path, row)
-      with summaries.as_default(step=step):
-        for key in ("loss", "accuracy", "learning_rate", "images_per_second", "tflops_per_second"):
-          tf.summary.scalar(key, row[key])
-      mfu = f" MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-      log(f"train: step {step}/{tc['steps']} loss {loss:.4f} accuracy {row['accuracy']:.3f} "
-          f"lr {row['learning_rate']:.2e} {row['images_per_second']:.0f} img/s "
-          f"{row['tflops_per_second'] * 1e3:.1f} GFLOP/s{mfu}")
-      window_start, window_images, window_steps = time.perf_counter(), 0, 0
-    if is_save or step == tc["steps"]:
-      checkpointing.save(manager, step, model, optimizer, data_position(step, config, info, num_sequences))
+  try:
+    for step, host_batch in prefetched(read_step, range(start + 1, tc["steps"] + 1)):
+      batch = sharding.shard_batch(mesh, host_batch)
+      with jax.set_mesh(mesh):  # the model pins its activations to this mesh (sharding.ACTIVATION_RULES)
+        loss, accuracy = train_step(model, optimizer, batch, label_smoothing=tc["label_smoothing"],
+                                    aux_weight=config["model"]["moe"]["aux_weight"])
+      window_images += int((host_batch["labels"] >= 0).sum())
+      window_steps += 1
+      is_log, is_save = step % tc["log_every"] == 0 or step == tc["steps"], step % tc["checkpoint_every"] == 0
+      if is_log or is_save or step == tc["steps"]:
+        loss = float(loss)
+        if not np.isfinite(loss):
+          manager.wait_until_finished()
+          raise FloatingPointError(f"train: loss is {loss} at step {step}; stopped, the last good checkpoint "
+                                   f"(step {manager.latest_step()}) is kept in {workdir}/checkpoints")
+      if is_log:
+        elapsed = time.perf_counter() - window_start
+        row = {"step": step, "loss": loss, "accuracy": float(accuracy), "learning_rate": float(schedule(step - 1)),
+               "images_per_second": window_images / max(elapsed, 1e-9),
+               "steps_per_second": window_steps / max(elapsed, 1e-9)}
+        row["tflops_per_second"] = flops_per_step * row["steps_per_second"] / 1e12
+        row["mfu"] = row["tflops_per_second"] / (peak * len(jax.devices())) if peak else None
+        _append_jsonl(metrics_path, row)
+        with summaries.as_default(step=step):
+          for key in ("loss", "accuracy", "learning_rate", "images_per_second", "tflops_per_second"):
+            tf.summary.scalar(key, row[key])
+        mfu = f" MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+        log(f"train: step {step}/{tc['steps']} loss {loss:.4f} accuracy {row['accuracy']:.3f} "
+            f"lr {row['learning_rate']:.2e} {row['images_per_second']:.0f} img/s "
+            f"{row['tflops_per_second'] * 1e3:.1f} GFLOP/s{mfu}")
+        window_start, window_images, window_steps = time.perf_counter(), 0, 0
+      if is_save or step == tc["steps"]:
+        checkpointing.save(manager, step, model, optimizer, data_position(step, config, info, num_sequences))
+  finally:
+    train_records.close()  # its gs:// reader threads, also when the loss goes NaN
   manager.wait_until_finished()
-  train_records.close()
   summaries.flush()
   final = {"step": tc["steps"], "loss": float(loss), "params_sha256": checkpointing.params_sha256(model)}
   if val_data is not None:

@@ -46,6 +46,28 @@ def test_remote_records_are_read_by_range_in_any_order(gcs_emulator, shard_dir):
   local.close(), remote.close()
 
 
+def test_a_remote_shard_replaced_while_in_use_is_an_error_not_other_bytes(gcs_emulator, shard_dir, monkeypatch):
+  from google.cloud.storage import Blob
+  _upload(gcs_emulator, shard_dir, "datasets/replaced")
+  records = PackedRecords("gs://patchflow-test/datasets/replaced", "train")
+  blob = gcs_emulator.bucket("patchflow-test").blob(records.paths[0][len("gs://patchflow-test/"):])
+  pinned = gcs_emulator.bucket("patchflow-test").get_blob(blob.name).generation
+  original = blob.download_as_bytes()
+  asked = []
+  download = Blob.download_as_bytes
+  monkeypatch.setattr(Blob, "download_as_bytes", lambda self, *a, **kw: asked.append(self.generation) or
+                      download(self, *a, **kw))
+  records.read([0])
+  # Rebuilt in place: same length, other bytes.
+  blob.upload_from_string(original[:100] + bytes(b ^ 0xFF for b in original[100:200]) + original[200:])
+  # Real GCS answers the pinned generation with 404 (FileNotFoundError); the emulator ignores generations
+  # and serves the new bytes, which the record CRC then refuses. Either way: an error, never other data.
+  with pytest.raises((FileNotFoundError, ValueError), match="replaced while in use|CRC mismatch"):
+    records.read([0])
+  assert asked and set(asked) == {pinned}  # every ranged GET asked for the version that was indexed
+  records.close()
+
+
 @pytest.mark.parametrize("tail, where", [(b"\x10\x00\x00", "byte 0"), (b"\x10" + b"\x00" * 11 + b"abcdxx", "byte 0")])
 def test_truncated_tfrecord_names_the_file_and_byte(tmp_path, tail, where):
   path = tmp_path / "x.tfrecord"

@@ -29,3 +29,40 @@ def test_prefetched_batches_equal_direct_reads_in_step_order(shard_dir):
   for step, batch in got:
     np.testing.assert_array_equal(batch["labels"], read_step(step)["labels"])
   records.close()
+
+
+def _copy_shards(shard_dir, tmp_path):
+  import shutil
+  target = tmp_path / "shards"
+  shutil.copytree(shard_dir, target)
+  return target
+
+
+def test_a_flipped_bit_in_a_record_is_an_error_naming_file_and_byte(shard_dir, tmp_path):
+  import pytest
+  shards = _copy_shards(shard_dir, tmp_path)
+  records = PackedRecords(str(shards), "train")
+  first = records.paths[0]
+  data_offset, length = record_extents(first)[1]  # the second record of the first shard
+  with open(first, "r+b") as f:
+    f.seek(data_offset + length // 2)
+    byte = f.read(1)
+    f.seek(data_offset + length // 2)
+    f.write(bytes([byte[0] ^ 0x01]))
+  records.read([0])  # the first record is intact
+  with pytest.raises(ValueError, match=rf"{first.split('/')[-1]}: corrupt TFRecord at byte {data_offset - 12} "
+                                       r"\(data CRC mismatch\)"):
+    records.read([1])
+
+
+def test_a_corrupt_length_header_is_an_error_naming_file_and_byte(shard_dir, tmp_path):
+  import pytest
+  shards = _copy_shards(shard_dir, tmp_path)
+  first = PackedRecords(str(shards), "train").paths[0]
+  with open(first, "r+b") as f:
+    f.seek(9)  # inside the masked CRC of the first record's length
+    byte = f.read(1)
+    f.seek(9)
+    f.write(bytes([byte[0] ^ 0x01]))
+  with pytest.raises(ValueError, match="corrupt TFRecord length at byte 0"):
+    record_extents(first)
