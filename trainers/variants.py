@@ -96,9 +96,15 @@ def model_variants(model: dict) -> list[dict]:
   return variants
 
 
+_MEMBER_KEYS = {"seed", "model.dropout", "train.label_smoothing", "model.width", "model.depth", "model.heads",
+                "model.mlp_dim"}
+
+
 def _member_name(overrides: dict) -> str:
+  """Every key of member_overrides is in the name: members share a directory only when they are the same model."""
   return (f"member-seed{overrides['seed']}-dropout{overrides['model.dropout']:g}"
-          f"-ls{overrides['train.label_smoothing']:g}")
+          f"-ls{overrides['train.label_smoothing']:g}-w{overrides['model.width']}-d{overrides['model.depth']}"
+          f"-h{overrides['model.heads']}-mlp{overrides['model.mlp_dim']}")
 
 
 def train_model(shard_dir: str, workdir: str, model: dict, overrides: dict, log=print) -> list[dict]:
@@ -114,6 +120,8 @@ def train_model(shard_dir: str, workdir: str, model: dict, overrides: dict, log=
       seed = base_seed + offset
       member = member_overrides(variant, seed)
       name = _member_name(member)
+      if set(member) != _MEMBER_KEYS:  # cannot happen today; guards the name against a new override key
+        raise AssertionError(f"member overrides {sorted(member)} are not all named by _member_name")
       if name not in trained:
         config = apply_overrides(load_config("smoke"), {**overrides, **member})
         log(f"study: training {variant['name']} {name} (for {variant['method']})")

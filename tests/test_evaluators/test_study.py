@@ -83,6 +83,14 @@ def test_each_method_is_trained_evaluated_and_reported(shard_dir, tmp_path):
   assert "shifted accuracy" in html and "ms per example" in html
 
 
+def test_members_of_different_architectures_never_share_a_checkpoint():
+  from trainers.variants import _member_name, member_overrides, model_variants
+  plain, wide = model_variants({"name": "T", "width": 16, "depth": 1, "heads": 2, "methods": [
+      {"method": "deterministic"}, {"method": "ensemble", "seeds": [0, 1], "heads": 4}]})
+  assert _member_name(member_overrides(plain, 0)) != _member_name(member_overrides(wide, 0))
+  assert _member_name(member_overrides(plain, 0)) == _member_name(member_overrides(dict(plain), 0))
+
+
 def test_a_model_trains_each_distinct_member_once_and_evaluates_every_method(shard_dir, tmp_path):
   from trainers.variants import model_variants, train_model
   model = {"name": "T", "width": 16, "depth": 1, "heads": 2, "methods": [
@@ -92,7 +100,8 @@ def test_a_model_trains_each_distinct_member_once_and_evaluates_every_method(sha
   records = train_model(str(shard_dir), str(tmp_path / "ckpt"), model, TINY, log=logs.append)
   members = sorted(d.name for d in (tmp_path / "ckpt").iterdir() if d.name.startswith("member-"))
   # deterministic seed 0 = ensemble seed 0; label smoothing is another objective, so another model.
-  assert members == ["member-seed0-dropout0-ls0", "member-seed0-dropout0-ls0.1", "member-seed1-dropout0-ls0"]
+  assert members == ["member-seed0-dropout0-ls0-w16-d1-h2-mlp32", "member-seed0-dropout0-ls0.1-w16-d1-h2-mlp32",
+                     "member-seed1-dropout0-ls0-w16-d1-h2-mlp32"]
   assert records[0]["members"][0]["dir"] == records[2]["members"][0]["dir"]
   assert any("already trained" in m for m in logs)
   rows = study.evaluate_model(str(shard_dir), str(tmp_path / "ckpt"), str(tmp_path / "eval"), log=lambda m: None)
