@@ -57,19 +57,19 @@ def _looks_whole(image: Image.Image, data: bytes) -> bool:
   fmt = image.format
   if fmt == "JPEG":
     return data.endswith(b"\xff\xd9")  # the EOI marker; entropy-coded data never ends in it
-  if fmt == "GIF":
-    return data.endswith(b"\x3b")  # the trailer
   if fmt == "WEBP":
     return True  # its RIFF size was checked before opening
   if fmt == "BMP":
-    return len(data) >= struct.unpack_from("<I", data, 2)[0]
+    declared = struct.unpack_from("<I", data, 2)[0]  # 0 from some writers: unknown
+    return declared > 0 and len(data) >= declared
+  # GIF is decoded: its trailer byte (0x3B) also occurs inside image data, so a cut file can end in it.
   return False
 
 
 def whole_image_size(data: bytes) -> tuple[int, int]:
   """(height, width) as displayed, after making sure the file is whole, so that a truncated or corrupt file
-  is found while planning, not when its shard is written. Cheap for the common formats: a JPEG, GIF, WebP or
-  BMP is whole when its trailer or size field says so, a PNG when every chunk's CRC is right up to IEND (its
+  is found while planning, not when its shard is written. Cheap for the common formats: a JPEG, WebP or BMP
+  is whole when its trailer or size field says so, a PNG when every chunk's CRC is right up to IEND (its
   orientation then comes from the eXIf chunk, without inflating the pixels). Otherwise (other formats, bytes
   after a JPEG's end marker, a PNG without IEND) the pixels are decoded once, a JPEG at 1/8 scale, and PIL's
   error, if any, is raised: "image file is truncated" for a file cut short."""

@@ -168,6 +168,20 @@ def test_truncated_files_pass_the_header_but_not_the_whole_file_check(fmt):
     image_ops.whole_image_size(cut)
 
 
+def test_cut_files_that_fool_a_trailer_or_size_check_are_still_found():
+  pixels = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  gif = _encode(Image.fromarray(pixels), "GIF")
+  # A cut that happens to end in the GIF trailer byte 0x3B.
+  cut_at = next(i for i in range(len(gif) // 2, len(gif) - 1) if gif[i] == 0x3B) + 1
+  with pytest.raises(OSError):
+    image_ops.whole_image_size(gif[:cut_at])
+  bmp = bytearray(_encode(Image.fromarray(pixels), "BMP"))
+  bmp[2:6] = bytes(4)  # bfSize 0, as some writers leave it
+  assert image_ops.whole_image_size(bytes(bmp)) == (64, 64)
+  with pytest.raises(OSError, match="truncated"):
+    image_ops.whole_image_size(bytes(bmp[:len(bmp) // 2]))
+
+
 def test_whole_file_check_accepts_trailing_bytes_and_reads_png_orientation_without_decoding():
   pixels = np.random.default_rng(0).integers(0, 256, (16, 32, 3), dtype=np.uint8)
   jpeg = _encode(Image.fromarray(pixels), "JPEG")
