@@ -122,7 +122,7 @@ def main():
 
   print("\n3. input pipeline vs train step")
   read_t, n_seq = shard_read_seconds_per_batch()
-  print(f"   reading a {ROWS}-sequence batch from local shards (index lookup, pread, parse; {n_seq} sequences of "
+  print(f"   reading a {ROWS}-sequence batch from local shards (index lookup, read, CRC check, parse; {n_seq} sequences of "
         f"{SEQ_LEN} tokens): {read_t * 1e3:.1f} ms vs train step {packed_t * 1e3:.1f} ms "
         f"({read_t / packed_t:.1%} of a step; the trainer reads it on a thread while the previous step runs)")
   mesh = sharding.make_mesh(1, 1)

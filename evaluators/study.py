@@ -143,11 +143,16 @@ def evaluate_variant(shard_dir: str, checkpoints_dir: str, output_dir: str, log=
     log(f"study: {row['model']}/{row['method']}: test accuracy {row['accuracy']:.3f} nll {row['nll']:.3f} "
         f"ece {row['ece']:.3f}; shifted accuracy {row['shifted_accuracy'] or float('nan'):.3f} "
         f"ece {row['shifted_ece'] or float('nan'):.3f}; {row['params']} params, {row['ms_per_example']:.2f} ms/image")
+  _write_summary(output_dir, summary)
+  return summary
+
+
+def _write_summary(output_dir: str, rows: list[dict]) -> None:
+  """output_dir/summary.json, written to a temporary name and renamed."""
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, SUMMARY_FILENAME + ".tmp"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1, sort_keys=True)
+    json.dump(rows, f, indent=1, sort_keys=True)
   os.replace(os.path.join(output_dir, SUMMARY_FILENAME + ".tmp"), os.path.join(output_dir, SUMMARY_FILENAME))
-  return summary
 
 
 _METHOD_ORDER = ("deterministic", "temperature_scaling", "label_smoothing", "mc_dropout", "ensemble")
@@ -164,9 +169,7 @@ def evaluate_model(shard_dir: str, checkpoints_dir: str, output_dir: str, log=pr
   for method in methods:
     rows += evaluate_variant(shard_dir, os.path.join(checkpoints_dir, method), os.path.join(output_dir, method),
                              log=log)
-  with open(os.path.join(output_dir, SUMMARY_FILENAME + ".tmp"), "w", encoding="utf-8") as f:
-    json.dump(rows, f, indent=1, sort_keys=True)
-  os.replace(os.path.join(output_dir, SUMMARY_FILENAME + ".tmp"), os.path.join(output_dir, SUMMARY_FILENAME))
+  _write_summary(output_dir, rows)
   return rows
 
 

@@ -2,8 +2,8 @@
 resumed run sees exactly the batches an uninterrupted one would.
 
 The trainer never loads a split: `PackedRecords` indexes every record's (shard, offset, length) by walking the
-TFRecord length headers, then reads just the records a batch needs (local: pread; gs://: ranged GETs through
-google-cloud-storage, which honours STORAGE_EMULATOR_HOST) and parses them with TensorFlow. `prefetched` reads
+TFRecord length headers, then reads just the records a batch needs (schemas.storage.read_range: a seek locally,
+a ranged GET through google-cloud-storage on gs://) and parses them with TensorFlow. `prefetched` reads
 the next batches on a thread while the current step runs, so host memory holds a few batches, not the data.
 """
 
@@ -55,9 +55,8 @@ class PackedRecords:
     if not index:
       raise ValueError(f"{shard_dir}: split {split!r} holds no sequences")
     self._index = np.asarray(index, np.int64)
-    self._gcs = storage.is_gcs(shard_dir)
     # google-cloud-storage's HTTP session keeps 10 connections; more threads would open and drop extras.
-    self._pool = concurrent.futures.ThreadPoolExecutor(10) if self._gcs else None
+    self._pool = concurrent.futures.ThreadPoolExecutor(10) if storage.is_gcs(shard_dir) else None
 
   def __len__(self) -> int:
     return len(self._index)
@@ -66,16 +65,8 @@ class PackedRecords:
     """Record i's data, its CRC checked (as tf.data does), so a flipped bit is an error, never a sample."""
     shard, offset, length = (int(v) for v in self._index[i])
     path = self.paths[shard]
-    if self._gcs:
-      frame = storage.read_range(path, offset, length + 4, self._generations[shard])
-    else:
-      fd = os.open(path, os.O_RDONLY)  # per read: ~10 us, and no descriptor per shard held for the whole run
-      try:
-        frame = os.pread(fd, length + 4, offset)
-      finally:
-        os.close(fd)
-      if len(frame) != length + 4:
-        raise ValueError(f"{path}: truncated TFRecord at byte {offset - _HEADER}")
+    # The data and its CRC; a local file is opened per read (~10 us), so no descriptor is held per shard.
+    frame = storage.read_range(path, offset, length + 4, self._generations[shard])
     data = frame[:length]
     if masked_crc32c(data) != struct.unpack_from("<I", frame, length)[0]:
       raise ValueError(f"{path}: corrupt TFRecord at byte {offset - _HEADER} (data CRC mismatch)")

@@ -76,11 +76,15 @@ def train_variant(shard_dir: str, workdir: str, variant: dict, overrides: dict, 
     log(f"study: training {variant['name']}/{variant['method']} member seed {seed}")
     final = train(shard_dir, os.path.join(workdir, f"member-{seed}"), config, log=log)
     members.append({"seed": seed, "dir": f"member-{seed}", "final": final})
-  record = {"variant": variant, "members": members}
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, VARIANT_FILENAME + ".tmp"), "w", encoding="utf-8") as f:
+  return _write_record(workdir, {"variant": variant, "members": members})
+
+
+def _write_record(directory: str, record: dict) -> dict:
+  """directory/variant.json, written to a temporary name and renamed; returns the record."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, VARIANT_FILENAME + ".tmp"), "w", encoding="utf-8") as f:
     json.dump(record, f, indent=1, sort_keys=True)
-  os.replace(os.path.join(workdir, VARIANT_FILENAME + ".tmp"), os.path.join(workdir, VARIANT_FILENAME))
+  os.replace(os.path.join(directory, VARIANT_FILENAME + ".tmp"), os.path.join(directory, VARIANT_FILENAME))
   return record
 
 
@@ -96,15 +100,17 @@ def model_variants(model: dict) -> list[dict]:
   return variants
 
 
-_MEMBER_KEYS = {"seed", "model.dropout", "train.label_smoothing", "model.width", "model.depth", "model.heads",
-                "model.mlp_dim"}
+# Every member override, labelled in the order of the directory name.
+_MEMBER_NAME_LABELS = {"seed": "seed", "model.dropout": "dropout", "train.label_smoothing": "ls", "model.width": "w",
+                       "model.depth": "d", "model.heads": "h", "model.mlp_dim": "mlp"}
 
 
 def _member_name(overrides: dict) -> str:
-  """Every key of member_overrides is in the name: members share a directory only when they are the same model."""
-  return (f"member-seed{overrides['seed']}-dropout{overrides['model.dropout']:g}"
-          f"-ls{overrides['train.label_smoothing']:g}-w{overrides['model.width']}-d{overrides['model.depth']}"
-          f"-h{overrides['model.heads']}-mlp{overrides['model.mlp_dim']}")
+  """Every override is in the name (one without a label fails here), so members share a directory only when
+  they are the same model."""
+  order = list(_MEMBER_NAME_LABELS)
+  return "member-" + "-".join(f"{_MEMBER_NAME_LABELS[key]}{overrides[key]:g}"
+                              for key in sorted(overrides, key=order.index))
 
 
 def train_model(shard_dir: str, workdir: str, model: dict, overrides: dict, log=print) -> list[dict]:
@@ -120,8 +126,6 @@ def train_model(shard_dir: str, workdir: str, model: dict, overrides: dict, log=
       seed = base_seed + offset
       member = member_overrides(variant, seed)
       name = _member_name(member)
-      if set(member) != _MEMBER_KEYS:  # cannot happen today; guards the name against a new override key
-        raise AssertionError(f"member overrides {sorted(member)} are not all named by _member_name")
       if name not in trained:
         config = apply_overrides(load_config("smoke"), {**overrides, **member})
         log(f"study: training {variant['name']} {name} (for {variant['method']})")
@@ -129,11 +133,5 @@ def train_model(shard_dir: str, workdir: str, model: dict, overrides: dict, log=
       else:
         log(f"study: {variant['name']}/{variant['method']} member seed {seed} is {name}, already trained")
       members.append({"seed": seed, "dir": os.path.join("..", name), "final": trained[name]})
-    record = {"variant": variant, "members": members}
-    directory = os.path.join(workdir, variant["method"])
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, VARIANT_FILENAME + ".tmp"), "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=1, sort_keys=True)
-    os.replace(os.path.join(directory, VARIANT_FILENAME + ".tmp"), os.path.join(directory, VARIANT_FILENAME))
-    records.append(record)
+    records.append(_write_record(os.path.join(workdir, variant["method"]), {"variant": variant, "members": members}))
   return records
