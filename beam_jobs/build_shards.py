@@ -201,9 +201,25 @@ def decode_error(location: str, error: Exception) -> ExampleError:
   every run (PIL's messages can name the address of a buffer object)."""
   if isinstance(error, UnidentifiedImageError):
     return ExampleError("not_an_image", f"{location}: not an image PIL can read")
-  message = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}").splitlines()[0]
+  message = _stable_message(error)
   reason = "truncated_image" if "truncat" in message.lower() else "undecodable_image"
   return ExampleError(reason, f"{location}: {message}")
+
+
+def video_error(location: str, error: Exception) -> ExampleError:
+  """An FFmpeg failure (PyAV raises many types for bad files) -> undecodable_video."""
+  return ExampleError("undecodable_video", f"{location}: {_stable_message(error)}")
+
+
+def _stable_message(error: Exception) -> str:
+  """The error's first line without object addresses, so the same file gives the same message on every run."""
+  return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}").splitlines()[0]
+
+
+def _check_frame_count(record, frames: int, options: ShardOptions) -> None:
+  if frames > options.max_patches_per_image:
+    raise ExampleError("too_many_frames", f"record {record.id!r}: {frames} frames do not fit a budget of "
+                                          f"{options.max_patches_per_image} patches")
 
 
 def plan_example(example: SourceExample, options: ShardOptions) -> Planned:
@@ -218,9 +234,7 @@ def plan_example(example: SourceExample, options: ShardOptions) -> Planned:
       frames = len(record.video)
     else:
       return _plan_video_file(example, options)
-    if frames > options.max_patches_per_image:
-      raise ExampleError("too_many_frames", f"record {record.id!r}: {frames} frames do not fit a budget of "
-                                            f"{options.max_patches_per_image} patches")
+    _check_frame_count(record, frames, options)
   # Every frame is read and checked whole here, so that packing only places images the writer can decode;
   # the grid comes from the first frame.
   for frame in range(frames):
@@ -240,13 +254,10 @@ def _plan_video_file(example: SourceExample, options: ShardOptions) -> Planned:
   data = read_location(example, 0)
   try:
     total, height, width = video_lib.probe(data)
-  except Exception as e:  # noqa: BLE001 - FFmpeg raises many types for bad files.
-    message = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}").splitlines()[0]
-    raise ExampleError("undecodable_video", f"{example.locations[0]}: {message}") from None
+  except Exception as e:  # noqa: BLE001
+    raise video_error(example.locations[0], e) from None
   frames = len(video_lib.sample_indices(total, options.video_frames))
-  if frames > options.max_patches_per_image:
-    raise ExampleError("too_many_frames", f"record {example.record.id!r}: {frames} frames do not fit a budget of "
-                                          f"{options.max_patches_per_image} patches")
+  _check_frame_count(example.record, frames, options)
   return dataclasses.replace(_plan_grid(example, options, height, width, frames), source_frames=total)
 
 
@@ -483,9 +494,8 @@ def _decode_frames(planned: Planned, frames: list[bytes], options: ShardOptions)
   if planned.source_frames:
     try:
       yield from video_lib.decode_sampled(frames[0], planned.source_frames, options.video_frames)
-    except Exception as e:  # noqa: BLE001 - FFmpeg raises many types for bad files.
-      message = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}").splitlines()[0]
-      raise ExampleError("undecodable_video", f"{planned.example.locations[0]}: {message}") from None
+    except Exception as e:  # noqa: BLE001
+      raise video_error(planned.example.locations[0], e) from None
     return
   for frame, data in enumerate(frames):
     try:
