@@ -18,8 +18,10 @@ and write goes through Beam's FileSystems, so inputs and outputs may be local pa
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -182,8 +184,12 @@ def read_location(example: SourceExample, index: int) -> bytes:
   else:
     path = example.locations[index]
     try:
-      with _filesystem(path).open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        data = f.read()
+      if "://" in path:
+        with _filesystem(path).open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+          data = f.read()
+      else:  # unbuffered: one read sized by fstat (Beam's local open adds a buffered reader and a codec probe)
+        with open(path, "rb", buffering=0) as f:
+          data = f.readall()
     except Exception as e:  # noqa: BLE001 - any IO failure is this record's error, never the job's.
       try:
         exists = FileSystems.exists(path)
@@ -297,7 +303,16 @@ def to_blob(items: list) -> bytes:
 
 
 def from_blob(blob: bytes) -> list:
-  return pickle.loads(blob)
+  """The items of a blob. The cyclic garbage collector is paused meanwhile: unpickling thousands of small
+  objects triggers collections that each walk every live object of the worker, which cost three times the
+  unpickling itself; the objects made here hold no cycles."""
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    return pickle.loads(blob)
+  finally:
+    if enabled:
+      gc.enable()
 
 
 class PlanExamples(beam.DoFn):
@@ -545,7 +560,7 @@ def sequence_fields(examples: list[dict[str, Any]], spec: PackedSpec,
   copied once, when the record is serialized), and the number of text tokens cut because the sequence's text
   budget was full. `patch_buffer`: the [L, p*p*3] array the examples' patches were rendered into, in slot order
   from row 0, zero after them; it is then the one chunk."""
-  out = {name: value for name, value in spec.empty().items() if name != "patches"}
+  out = spec.empty(patches=False)
   chunks = []
   pos, text_pos, text_cut = 0, 0, 0
   for slot, ex in enumerate(examples):
@@ -646,9 +661,9 @@ class WriteShard(beam.DoFn):
     with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
       ordered = [(h, [planned for _, planned in sorted(bins[h], key=lambda sp: sp[0])]) for h in sorted(bins)]
       reads = read_ahead([planned for _, members in ordered for planned in members])
+      buffer = np.empty((spec.seq_len, spec.patch_dim), np.uint8)  # each record's patches, rendered in place
       for h, members in ordered:
-        examples, pos, failed = [], 0, False
-        buffer = np.zeros((spec.seq_len, spec.patch_dim), np.uint8)  # the record's patches, rendered in place
+        examples, pos = [], 0
         for planned in members:
           frames, error = next(reads)
           try:
@@ -657,13 +672,11 @@ class WriteShard(beam.DoFn):
             examples.append(render_example(planned, opts, frames, buffer[pos:]))
             pos += len(examples[-1]["patches"])
           except ExampleError as e:
-            failed = True
             self._failed.inc()
             yield beam.pvalue.TaggedOutput("errors", error_row(planned.line, planned.id, e.reason, e.detail))
         if not examples:
           continue
-        if failed:
-          buffer[pos:] = 0  # a failed example may have written some rows
+        buffer[pos:] = 0  # padding (and whatever a failed example or the previous record left there)
         fields, chunks, text_cut = sequence_fields(examples, spec, buffer)
         for piece in tfrecord.record_pieces(*sequence_pieces(fields, chunks, spec)):
           f.write(piece)
@@ -841,6 +854,21 @@ def _cleanup_stale(output_dir: str, info: dict[str, Any]) -> None:
     FileSystems.delete(stale)
 
 
+@contextlib.contextmanager
+def _heap_frozen(in_process: bool):
+  """For a run in this process: the objects that exist before it (Beam's and every imported module's, ~10^5)
+  are set aside from garbage collection meanwhile, so each full collection that the job's allocations trigger
+  walks the job's own objects only (50 ms less each). Left alone when the caller froze objects itself."""
+  if not in_process or gc.get_freeze_count():
+    yield
+    return
+  gc.freeze()
+  try:
+    yield
+  finally:
+    gc.unfreeze()
+
+
 def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOptions(),
                  beam_args: list[str] | None = None, workers: int | None = None,
                  tfds_data_dir: str | None = None, manifest_chunk_bytes: int | None = None) -> dict[str, Any]:
@@ -868,8 +896,9 @@ def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOp
                                  beam.pvalue.AsList(outputs["errors"]), beam.pvalue.AsSingleton(outputs["max_label"]),
                                  output_dir, options,
                                  source.class_names, source.description))
-  result = pipeline.run()
-  result.wait_until_finish()
+  with _heap_frozen(in_process=runner is not None):
+    result = pipeline.run()
+    result.wait_until_finish()
   seconds = time.monotonic() - start
   info = json.loads(_read_text(FileSystems.join(output_dir, info_lib.FILENAME)))
   info_lib.validate_dataset_info(info, FileSystems.join(output_dir, info_lib.FILENAME))

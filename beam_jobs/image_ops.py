@@ -32,11 +32,13 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_ORIENTATION_KEYWORDS = (b"XML:com.adobe.xmp\0", b"Raw profile type exif\0")
 
 
 def _png_exif_if_whole(data: bytes) -> bytes | None:
   """Walks a PNG's chunks, checking each CRC, up to IEND. Returns the eXIf payload (b"" when there is none)
-  if the file is whole and every CRC is right, else None. Costs a CRC pass over the bytes, no inflating."""
+  if the file is whole and every CRC is right, else None (also for a text chunk that may carry the
+  orientation). Costs a CRC pass over the bytes, no inflating."""
   pos, exif = len(_PNG_SIGNATURE), b""
   while pos + 12 <= len(data):
     length, kind = struct.unpack_from(">I4s", data, pos)
@@ -45,9 +47,52 @@ def _png_exif_if_whole(data: bytes) -> bytes | None:
       return None
     if kind == b"eXIf":
       exif = data[pos + 8:end]
+    elif kind in (b"tEXt", b"zTXt", b"iTXt") and data.startswith(_PNG_ORIENTATION_KEYWORDS, pos + 8):
+      return None  # PIL may take the orientation from XMP or a raw EXIF text profile: let it decide
     elif kind == b"IEND":
       return exif
     pos = end + 4
+  return None
+
+
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic coded).
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_JPEG_EXIF, _JPEG_XMP = b"Exif\0\0", b"http://ns.adobe.com/xap/1.0/\0"
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, bytes] | None:
+  """(height, width, EXIF payload or b"") from a JPEG's marker segments, reading the bytes up to the frame
+  header only: PIL's parser costs more than that whole read. None for anything unusual (no frame header
+  before the scan, a bit depth or component count PIL does not decode, an XMP packet, which may hold the
+  orientation): the caller then asks PIL."""
+  if not data.startswith(b"\xff\xd8"):
+    return None
+  pos, end, exif = 2, len(data), b""
+  while pos + 4 <= end:
+    if data[pos] != 0xFF:
+      return None
+    marker = data[pos + 1]
+    if marker == 0xFF:  # a fill byte before the marker
+      pos += 1
+      continue
+    if marker == 0xD8 or marker == 0xD9 or marker == 0xDA or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+      return None  # a second start, the end or the scan before any frame header; standalone markers
+    length = int.from_bytes(data[pos + 2:pos + 4], "big")
+    if length < 2 or pos + 2 + length > end:
+      return None
+    if marker in _JPEG_SOF:
+      if length < 8:
+        return None
+      bits, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
+      if bits != 8 or components not in (1, 3, 4) or not height or not width:
+        return None
+      return height, width, exif
+    if marker == 0xE1:
+      if data.startswith(_JPEG_XMP, pos + 4):
+        return None
+      if not exif and data.startswith(_JPEG_EXIF, pos + 4):  # PIL, too, reads the first one
+        exif = data[pos + 4:pos + 2 + length]
+    pos += 2 + length
   return None
 
 
@@ -69,14 +114,19 @@ def _looks_whole(image: Image.Image, data: bytes) -> bool:
 def whole_image_size(data: bytes) -> tuple[int, int]:
   """(height, width) as displayed, after making sure the file is whole, so that a truncated or corrupt file
   is found while planning, not when its shard is written. Cheap for the common formats: a JPEG, WebP or BMP
-  is whole when its trailer or size field says so, a PNG when every chunk's CRC is right up to IEND (its
-  orientation then comes from the eXIf chunk, without inflating the pixels). Otherwise (other formats, bytes
+  is whole when its trailer or size field says so (a plain JPEG's size and EXIF come from its marker
+  segments, without PIL), a PNG when every chunk's CRC is right up to IEND (its orientation then comes from
+  the eXIf chunk, without inflating the pixels). Otherwise (other formats, bytes
   after a JPEG's end marker, a PNG without IEND) the pixels are decoded once, a JPEG at 1/8 scale, and PIL's
   error, if any, is raised: "image file is truncated" for a file cut short."""
   if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
     riff_size = 8 + struct.unpack_from("<I", data, 4)[0]
     if len(data) < riff_size:  # libwebp would only say "could not create decoder object"
       raise OSError(f"image file is truncated ({len(data)} of {riff_size} bytes)")
+  if data.endswith(b"\xff\xd9") and (header := _jpeg_header(data)) is not None:  # the common case, no PIL
+    height, width, exif = header
+    orientation = _exif_orientation(exif) if exif else 1
+    return (width, height) if orientation in _TRANSPOSED_ORIENTATIONS else (height, width)
   with open_image(data) as image:
     if image.format == "PNG" and data.startswith(_PNG_SIGNATURE):
       exif = _png_exif_if_whole(data)
@@ -131,13 +181,14 @@ def decode_rgb(data: bytes, target_hw: tuple[int, int] | None = None) -> np.ndar
   Raises on a non-image, a truncated or a corrupt file.
   """
   with open_image(data) as image:
+    orientation = _orientation(image)
     if target_hw is not None and image.format == "JPEG":
       th, tw = target_hw
-      if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
+      if orientation in _TRANSPOSED_ORIENTATIONS:
         th, tw = tw, th
       image.draft("RGB", (tw, th))
     image.load()
-    if _orientation(image) != 1:  # exif_transpose copies the image even when there is nothing to do.
+    if orientation != 1:  # exif_transpose copies the image even when there is nothing to do.
       image = ImageOps.exif_transpose(image)
     return np.asarray(to_rgb(image), dtype=np.uint8)
 

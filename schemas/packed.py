@@ -2,6 +2,7 @@
 pyarrow schema, the schema fingerprint and the tf.train.Example encoder/decoder are all derived."""
 
 import dataclasses
+import functools
 import hashlib
 import json
 from typing import Any
@@ -64,18 +65,16 @@ class PackedSpec:
     return self.patch_size * self.patch_size * 3
 
   def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-    sizes = {"L": self.seq_len, "P": self.patch_dim, "M": self.max_images, "T": self.text_len}
-    out = {}
-    for name, (dtype, shape) in _FIELDS.items():
-      if (name in _VIDEO_FIELDS and not self.video) or (name in _TEXT_FIELDS and not self.text_len):
-        continue
-      out[name] = (dtype, tuple(sizes[d] if isinstance(d, str) else d for d in shape))
-    return out
+    """name -> (dtype, shape), in the contract's order."""
+    return dict(_field_shapes(self))
 
-  def empty(self) -> dict[str, np.ndarray]:
-    """A fully padded example: segment 0 everywhere, labels -1, empty ids."""
+  def empty(self, patches: bool = True) -> dict[str, np.ndarray]:
+    """A fully padded example: segment 0 everywhere, labels -1, empty ids; without `patches` if False (the
+    shard writer renders those into a buffer of its own)."""
     out = {}
     for name, (dtype, shape) in self.fields().items():
+      if name == "patches" and not patches:
+        continue
       if dtype == "bytes":
         out[name] = np.array([b""] * shape[0], dtype=object)
       else:
@@ -154,3 +153,14 @@ def check_fingerprint(fingerprint: str, where: str) -> None:
     raise ContractError(
         f"{where}: schema fingerprint {fingerprint!r} is unknown to this patchflow "
         f"(known: {sorted(KNOWN_FINGERPRINTS)}); rebuild the shards with this version")
+
+
+@functools.lru_cache(maxsize=64)
+def _field_shapes(spec: PackedSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
+  sizes = {"L": spec.seq_len, "P": spec.patch_dim, "M": spec.max_images, "T": spec.text_len}
+  out = {}
+  for name, (dtype, shape) in _FIELDS.items():
+    if (name in _VIDEO_FIELDS and not spec.video) or (name in _TEXT_FIELDS and not spec.text_len):
+      continue
+    out[name] = (dtype, tuple(sizes[d] if isinstance(d, str) else d for d in shape))
+  return out

@@ -205,3 +205,70 @@ def test_decode_rejects_non_image():
 
 def test_byte_tokens_keep_zero_for_padding():
   assert image_ops.byte_tokens("a\u00e9").tolist() == [98, 196, 170]
+
+
+def _jpeg_variants():
+  """JPEGs that differ in what the marker walk must get right: modes, progressive coding, restart intervals,
+  comments and EXIF orientation (before or after other segments), an XMP packet, a fill byte."""
+  rng = np.random.default_rng(3)
+  out = []
+  for i, (mode, h, w) in enumerate([("RGB", 23, 41), ("L", 40, 9), ("CMYK", 17, 17), ("RGB", 300, 5)]):
+    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 1 + i * 2 + (i % 2)  # 1, 4, 5, 8
+    out.append((f"{mode}-plain", _encode(image, "JPEG")))
+    out.append((f"{mode}-progressive-restarts-comment", _encode(image, "JPEG", progressive=True, restart_marker_blocks=2,
+                                                                 comment=b"ignore me")))
+    out.append((f"{mode}-exif{exif[0x0112]}", _encode(image, "JPEG", exif=exif.tobytes())))
+  rotated_in_xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+                    b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+  out.append(("xmp-orientation", _encode(Image.new("RGB", (30, 10)), "JPEG", xmp=rotated_in_xmp)))
+  plain = _encode(Image.new("RGB", (30, 10)), "JPEG")
+  out.append(("fill-byte", plain[:2] + b"\xff" + plain[2:]))
+  return out
+
+
+@pytest.mark.parametrize("name, data", _jpeg_variants(), ids=[n for n, _ in _jpeg_variants()])
+def test_jpeg_size_from_the_markers_agrees_with_pil_and_the_decoder(name, data):
+  with image_ops.open_image(data) as image:
+    expected = image_ops.oriented_size(image)
+  assert image_ops.whole_image_size(data) == expected == image_ops.decode_rgb(data).shape[:2]
+  header = image_ops._jpeg_header(data)
+  if name == "xmp-orientation":
+    assert header is None and expected == (30, 10)  # PIL reads the orientation from XMP; so do we, through it
+  else:
+    assert header is not None and header[:2] == Image.open(io.BytesIO(data)).size[::-1]
+
+
+def test_plain_jpeg_is_sized_without_pil(monkeypatch):
+  data = _encode(Image.new("RGB", (30, 10)), "JPEG")
+  monkeypatch.setattr(image_ops, "open_image", lambda _: pytest.fail("PIL opened a plain whole JPEG"))
+  assert image_ops.whole_image_size(data) == (10, 30)
+  # Cut short: no end marker, so PIL decodes to decide (and finds the cut).
+  monkeypatch.undo()
+  with pytest.raises(OSError, match="(?i)truncat"):
+    image_ops.whole_image_size(data[:len(data) - 40])
+
+
+def test_jpeg_marker_walk_gives_up_on_bytes_that_are_not_a_frame_header():
+  data = _encode(Image.new("RGB", (30, 10)), "JPEG")
+  assert image_ops._jpeg_header(data) == (10, 30, b"")
+  sof = data.index(b"\xff\xc0")
+  assert image_ops._jpeg_header(data[:sof]) is None  # ends before the frame header
+  broken = bytearray(data)
+  broken[sof + 5:sof + 7] = bytes(2)  # height 0 (defined later by a DNL marker): PIL's business
+  assert image_ops._jpeg_header(bytes(broken)) is None
+  broken = bytearray(data)
+  broken[4:6] = b"\xff\xff"  # a segment length running past the end
+  assert image_ops._jpeg_header(bytes(broken)) is None
+  assert image_ops._jpeg_header(b"\xff\xd8\xff\xda\x00\x02") is None  # a scan before any frame header
+
+
+def test_png_orientation_in_xmp_is_left_to_pil():
+  from PIL import PngImagePlugin
+  info = PngImagePlugin.PngInfo()
+  info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+                '22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+                '</rdf:RDF></x:xmpmeta>')
+  data = _encode(Image.new("RGB", (30, 10)), "PNG", pnginfo=info)
+  assert image_ops.whole_image_size(data) == (30, 10) == image_ops.decode_rgb(data).shape[:2]
