@@ -755,10 +755,10 @@ def _read_text(path: str) -> str:
     return f.read().decode("utf-8")
 
 
-def write_info(_, shards, errors, max_label, output_dir, options, class_names, source):
+def write_info(_, shards, errors, window_labels, output_dir, options, class_names, source):
   errors = sorted(errors, key=lambda e: (e["line"], e["reason"], e["id"] or ""))
   num_lines = sum(s["num_images"] for s in shards) + len(errors)
-  num_classes = len(class_names) or max(1, max_label + 1)
+  num_classes = len(class_names) or max(1, max(window_labels, default=-1) + 1)
   info = summarize(list(shards), errors, num_lines, options, num_classes, class_names, source)
   _write_text(FileSystems.join(output_dir, info_lib.ERRORS_FILENAME),
               "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors))
@@ -767,7 +767,7 @@ def write_info(_, shards, errors, max_label, output_dir, options, class_names, s
 
 class BuildShards(beam.PTransform):
   """{"examples", "errors"} of a source -> shard files; returns {"shards": shard stats, "errors": error rows,
-  "max_label": one int}. Every source record ends as exactly one written image or one error row, so the number
+  "labels": the largest label of each window}. Every source record ends as exactly one written image or one error row, so the number
   of records is the sum of the two."""
 
   def __init__(self, output_dir: str, options: ShardOptions):
@@ -796,8 +796,9 @@ class BuildShards(beam.PTransform):
                | "GroupByShard" >> beam.GroupByKey()
                | "WriteShard" >> beam.ParDo(WriteShard(self._output_dir, opts)).with_outputs("errors", main="shards"))
     errors = (source_errors, windows.errors, written.errors) | "AllErrors" >> beam.Flatten()
-    max_label = windows.labels | "MaxLabel" >> beam.CombineGlobally(lambda labels: max(labels, default=-1))
-    return {"shards": written.shards, "errors": errors, "max_label": max_label}
+    # One int per window: the maximum is taken where it is used (a CombineGlobally would add ten transforms to
+    # every run's start-up for it).
+    return {"shards": written.shards, "errors": errors, "labels": windows.labels}
 
 
 # ------------------------------------------------------------------------------------------------------- driver
@@ -893,7 +894,7 @@ def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOp
   outputs = pipeline | "Source" >> source.transform | "BuildShards" >> BuildShards(output_dir, options)
   _ = (pipeline | "Once" >> beam.Create([None])
        | "WriteInfo" >> beam.Map(write_info, beam.pvalue.AsList(outputs["shards"]),
-                                 beam.pvalue.AsList(outputs["errors"]), beam.pvalue.AsSingleton(outputs["max_label"]),
+                                 beam.pvalue.AsList(outputs["errors"]), beam.pvalue.AsList(outputs["labels"]),
                                  output_dir, options,
                                  source.class_names, source.description))
   with _heap_frozen(in_process=runner is not None):

@@ -492,3 +492,18 @@ def test_remote_reads_run_ahead_in_order_and_keep_their_errors():
   results = list(read_ahead(planned, threads=4))
   assert [r[0] for r in results if r[0]] == [[f"bytes {i}".encode()] for i in range(100) if i % 7]
   assert [(i, r[1].reason) for i, r in enumerate(results) if r[1]] == [(i, "missing_file") for i in range(0, 100, 7)]
+
+
+def test_without_classes_json_the_class_count_is_the_largest_label_over_all_windows_plus_one(tmp_path, synthetic_dir):
+  records = [json.loads(l) for l in (synthetic_dir / "manifest.jsonl").read_text().splitlines()[:12]]
+  for i, rec in enumerate(records):
+    rec["image"] = str(synthetic_dir / rec["image"])
+    rec["label"] = 11 if i == 7 else i % 3  # one large label, in one of several windows
+  manifest = tmp_path / "manifest.jsonl"
+  manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+  options = ShardOptions(seq_len=128, max_patches_per_image=32, window_size=3)
+  info = build_shards(str(manifest), str(tmp_path / "out"), options)
+  assert info["num_classes"] == 12 and info["class_names"] == []
+  records[7]["label"] = 2
+  manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+  assert build_shards(str(manifest), str(tmp_path / "out2"), options)["num_classes"] == 3
