@@ -29,6 +29,7 @@ import math
 import pickle
 import re
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Iterable
@@ -302,17 +303,34 @@ def to_blob(items: list) -> bytes:
   return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
 
 
-def from_blob(blob: bytes) -> list:
-  """The items of a blob. The cyclic garbage collector is paused meanwhile: unpickling thousands of small
-  objects triggers collections that each walk every live object of the worker, which cost three times the
-  unpickling itself; the objects made here hold no cycles."""
-  enabled = gc.isenabled()
-  gc.disable()
+_GC_PAUSE_LOCK = threading.Lock()
+_gc_pause = {"depth": 0, "was_enabled": False}
+
+
+@contextlib.contextmanager
+def gc_paused():
+  """The cyclic garbage collector off for the block, from whichever worker thread: the first to enter turns it
+  off, the last to leave turns it back on if it was on."""
+  with _GC_PAUSE_LOCK:
+    if _gc_pause["depth"] == 0:
+      _gc_pause["was_enabled"] = gc.isenabled()
+      gc.disable()
+    _gc_pause["depth"] += 1
   try:
-    return pickle.loads(blob)
+    yield
   finally:
-    if enabled:
-      gc.enable()
+    with _GC_PAUSE_LOCK:
+      _gc_pause["depth"] -= 1
+      if _gc_pause["depth"] == 0 and _gc_pause["was_enabled"]:
+        gc.enable()
+
+
+def from_blob(blob: bytes) -> list:
+  """The items of a blob. The garbage collector is paused meanwhile: unpickling thousands of small objects
+  triggers collections that each walk every live object of the worker, which cost three times the unpickling
+  itself; the objects made here hold no cycles."""
+  with gc_paused():
+    return pickle.loads(blob)
 
 
 class PlanExamples(beam.DoFn):

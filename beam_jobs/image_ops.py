@@ -32,7 +32,7 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_ORIENTATION_KEYWORDS = (b"XML:com.adobe.xmp\0", b"Raw profile type exif\0")
+_PNG_ORIENTATION_KEYWORDS = (b"XML:com.adobe.xmp\0", b"Raw profile type exif\0", b"exif\0")
 
 
 def _png_exif_if_whole(data: bytes) -> bytes | None:
@@ -55,19 +55,26 @@ def _png_exif_if_whole(data: bytes) -> bytes | None:
   return None
 
 
-# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic coded).
+# The marker segments of a plain JPEG before its scan: frame headers (SOFn) and the segments PIL reads or skips
+# without judging them (Huffman and arithmetic tables, restart interval, application data, comments).
 _JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_JPEG_PLAIN = frozenset((0xC4, 0xCC, 0xDD, 0xFE, *range(0xE0, 0xF0)))
+_JPEG_DQT, _JPEG_SOS = 0xDB, 0xDA
 _JPEG_EXIF, _JPEG_XMP = b"Exif\0\0", b"http://ns.adobe.com/xap/1.0/\0"
+# Application segments PIL parses, with the payload length below which it raises: PIL then says "not an image".
+_JPEG_APP_MINIMUM = {(0xE0, b"JFIF"): 7, (0xEE, b"Adobe"): 7, (0xE2, b"ICC_PROFILE\0"): 14}
 
 
 def _jpeg_header(data: bytes) -> tuple[int, int, bytes] | None:
-  """(height, width, EXIF payload or b"") from a JPEG's marker segments, reading the bytes up to the frame
-  header only: PIL's parser costs more than that whole read. None for anything unusual (no frame header
-  before the scan, a bit depth or component count PIL does not decode, an XMP packet, which may hold the
-  orientation): the caller then asks PIL."""
+  """(height, width, EXIF payload or b"") of a plain JPEG, from its marker segments up to the start of its scan:
+  PIL's own parser costs more than this whole walk. None for anything PIL might read differently or refuse, and
+  the caller then asks PIL: an unusual marker, junk between segments, a second frame header, a bit depth or
+  component count PIL does not decode, a quantization table or application segment PIL would reject, more than
+  one EXIF block or an XMP packet (PIL joins the former and reads the orientation from the latter too), a
+  multi-picture index (MPO), or more pixels than PIL's decompression-bomb limit (PIL warns or refuses)."""
   if not data.startswith(b"\xff\xd8"):
     return None
-  pos, end, exif = 2, len(data), b""
+  pos, end, size, exif = 2, len(data), None, None
   while pos + 4 <= end:
     if data[pos] != 0xFF:
       return None
@@ -75,24 +82,41 @@ def _jpeg_header(data: bytes) -> tuple[int, int, bytes] | None:
     if marker == 0xFF:  # a fill byte before the marker
       pos += 1
       continue
-    if marker == 0xD8 or marker == 0xD9 or marker == 0xDA or marker == 0x01 or 0xD0 <= marker <= 0xD7:
-      return None  # a second start, the end or the scan before any frame header; standalone markers
+    if marker == _JPEG_SOS:
+      return None if size is None else (*size, exif or b"")
+    if marker not in _JPEG_SOF and marker not in _JPEG_PLAIN and marker != _JPEG_DQT:
+      return None
     length = int.from_bytes(data[pos + 2:pos + 4], "big")
-    if length < 2 or pos + 2 + length > end:
+    body, segment_end = pos + 4, pos + 2 + length
+    if length < 2 or segment_end > end:
       return None
     if marker in _JPEG_SOF:
-      if length < 8:
+      if size is not None or length < 8:
         return None
-      bits, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
+      bits, height, width, components = struct.unpack_from(">BHHB", data, body)
       if bits != 8 or components not in (1, 3, 4) or not height or not width:
         return None
-      return height, width, exif
-    if marker == 0xE1:
-      if data.startswith(_JPEG_XMP, pos + 4):
+      if Image.MAX_IMAGE_PIXELS and height * width > Image.MAX_IMAGE_PIXELS:
         return None
-      if not exif and data.startswith(_JPEG_EXIF, pos + 4):  # PIL, too, reads the first one
-        exif = data[pos + 4:pos + 2 + length]
-    pos += 2 + length
+      size = (height, width)
+    elif marker == _JPEG_DQT:
+      table = body
+      while table < segment_end:  # each table: a precision/id byte, then 64 values of 1 or 2 bytes
+        table += 1 + 64 * (1 if data[table] < 16 else 2)
+      if table != segment_end:
+        return None
+    elif marker == 0xE1:
+      if data.startswith(_JPEG_XMP, body) or (data.startswith(_JPEG_EXIF, body) and exif is not None):
+        return None
+      if data.startswith(_JPEG_EXIF, body):
+        exif = data[body:segment_end]
+    elif marker == 0xE2 and data.startswith(b"MPF\0", body):
+      return None
+    else:
+      for (app, prefix), minimum in _JPEG_APP_MINIMUM.items():
+        if marker == app and data.startswith(prefix, body) and length - 2 < minimum:
+          return None
+    pos = segment_end
   return None
 
 
@@ -181,14 +205,13 @@ def decode_rgb(data: bytes, target_hw: tuple[int, int] | None = None) -> np.ndar
   Raises on a non-image, a truncated or a corrupt file.
   """
   with open_image(data) as image:
-    orientation = _orientation(image)
     if target_hw is not None and image.format == "JPEG":
       th, tw = target_hw
-      if orientation in _TRANSPOSED_ORIENTATIONS:
+      if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
         th, tw = tw, th
       image.draft("RGB", (tw, th))
-    image.load()
-    if orientation != 1:  # exif_transpose copies the image even when there is nothing to do.
+    image.load()  # first: a PNG's getexif() loads the pixels itself, and _orientation would swallow its error
+    if _orientation(image) != 1:  # exif_transpose copies the image even when there is nothing to do.
       image = ImageOps.exif_transpose(image)
     return np.asarray(to_rgb(image), dtype=np.uint8)
 

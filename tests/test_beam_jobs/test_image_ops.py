@@ -272,3 +272,79 @@ def test_png_orientation_in_xmp_is_left_to_pil():
                 '</rdf:RDF></x:xmpmeta>')
   data = _encode(Image.new("RGB", (30, 10)), "PNG", pnginfo=info)
   assert image_ops.whole_image_size(data) == (30, 10) == image_ops.decode_rgb(data).shape[:2]
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+  return bytes((0xFF, marker)) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def _with_segment(jpeg: bytes, segment: bytes, before: bytes = b"\xff\xda") -> bytes:
+  at = jpeg.index(before)
+  return jpeg[:at] + segment + jpeg[at:]
+
+
+def _pil_outcome(data):
+  try:
+    with image_ops.open_image(data) as image:
+      return image_ops.oriented_size(image)
+  except Exception as e:  # noqa: BLE001
+    return type(e).__name__
+
+
+def _rotated_exif():
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  return b"Exif\0\0" + exif.tobytes()
+
+
+@pytest.mark.parametrize("case", ["exif-after-frame-header", "second-exif-block", "reserved-marker", "short-dqt",
+                                  "short-jfif", "mpf-index", "decompression-bomb", "second-frame-header"])
+def test_jpeg_marker_walk_leaves_to_pil_whatever_pil_reads_differently_or_refuses(case):
+  """Each file here is whole (it ends in EOI); the marker walk must give PIL's answer or step aside."""
+  plain = _encode(Image.new("RGB", (30, 10)), "JPEG")
+  data = {
+      "exif-after-frame-header": _with_segment(plain, _segment(0xE1, _rotated_exif())),  # between SOF and SOS
+      "second-exif-block": _with_segment(plain, _segment(0xE1, b"Exif\0\0") + _segment(0xE1, _rotated_exif()),
+                                         before=b"\xff\xdb"),  # PIL joins the two
+      "reserved-marker": _with_segment(plain, _segment(0x02, b"xx")),
+      "short-dqt": _with_segment(plain, _segment(0xDB, bytes(30))),
+      "short-jfif": _with_segment(plain, _segment(0xE0, b"JFIF\0"), before=b"\xff\xdb"),
+      "mpf-index": _with_segment(plain, _segment(0xE2, b"MPF\0" + bytes(8)), before=b"\xff\xdb"),
+      "decompression-bomb": plain.replace(b"\x00\x0a\x00\x1e", b"\x3a\x98\x3a\x98", 1),  # 15000 x 15000
+      "second-frame-header": _with_segment(plain, plain[plain.index(b"\xff\xc0"):plain.index(b"\xff\xc4")]),
+  }[case]
+  expected = _pil_outcome(data)
+  if case == "exif-after-frame-header":
+    assert expected == (30, 10) and image_ops._jpeg_header(data)[:2] == (10, 30)  # read past the frame header
+  else:
+    assert image_ops._jpeg_header(data) is None
+  try:
+    got = image_ops.whole_image_size(data)
+  except Exception as e:  # noqa: BLE001
+    got = type(e).__name__
+  assert got == expected
+  if case in ("reserved-marker", "short-jfif", "decompression-bomb"):
+    assert isinstance(expected, str)  # PIL refuses these: planning must too, not the shard writer later
+
+
+def test_a_png_with_corrupt_pixels_and_right_crcs_fails_to_decode():
+  """getexif() of a PNG loads its pixels; reading the orientation first once swallowed the decoding error and
+  wrote a half-decoded image."""
+  import zlib
+  data = bytearray(_encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 32, 3), np.uint8)),
+                            "PNG"))
+  idat = data.index(b"IDAT")
+  length = int.from_bytes(data[idat - 4:idat], "big")
+  data[idat + 4 + 10:idat + 4 + 20] = bytes(10)  # corrupt the zlib stream ...
+  data[idat + 4 + length:idat + 8 + length] = zlib.crc32(data[idat:idat + 4 + length]).to_bytes(4, "big")  # ... CRC fixed
+  assert image_ops.whole_image_size(bytes(data)) == (16, 32)  # whole by its CRCs: planning accepts it
+  with pytest.raises(Exception):
+    image_ops.decode_rgb(bytes(data))
+
+
+def test_png_orientation_in_an_exif_text_chunk_is_left_to_pil():
+  from PIL import PngImagePlugin
+  info = PngImagePlugin.PngInfo()
+  info.add_text("exif", _rotated_exif()[6:].decode("latin-1"))
+  data = _encode(Image.new("RGB", (30, 10)), "PNG", pnginfo=info)
+  assert image_ops.whole_image_size(data) == image_ops.decode_rgb(data).shape[:2] == _pil_outcome(data)
