@@ -46,3 +46,13 @@ def test_unmasked_vit_baseline_trains_and_differs_from_the_masked_model():
 
 def optax_global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_shard_throughput_benchmark_runs_end_to_end_on_a_few_images(capsys):
+  """A tiny run of the whole benchmark: every row and the start-up line print, and the job wrote every image
+  (the script asserts it and that all runs gave the same shards)."""
+  bench = _load("shard_throughput")
+  assert bench.main(["--images", "24", "--runs", "1", "2:threads", "--reps", "1"]) == 0
+  out = capsys.readouterr().out
+  for row in ("PIL decode loop (floor)", "build_shards, 1 worker", "build_shards, 2 threads", "Beam's start-up"):
+    assert row in out
