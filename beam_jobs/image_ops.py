@@ -59,7 +59,7 @@ def _png_exif_if_whole(data: bytes) -> bytes | None:
 # without judging them (Huffman and arithmetic tables, restart interval, application data, comments).
 _JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 _JPEG_PLAIN = frozenset((0xC4, 0xCC, 0xDD, 0xFE, *range(0xE0, 0xF0)))
-_JPEG_DQT, _JPEG_SOS = 0xDB, 0xDA
+_JPEG_DQT, _JPEG_SOS, _JPEG_EOI = 0xDB, 0xDA, b"\xff\xd9"
 _JPEG_EXIF, _JPEG_XMP = b"Exif\0\0", b"http://ns.adobe.com/xap/1.0/\0"
 # Application segments PIL parses, with the payload length below which it raises: PIL then says "not an image".
 _JPEG_APP_MINIMUM = {(0xE0, b"JFIF"): 7, (0xEE, b"Adobe"): 7, (0xE2, b"ICC_PROFILE\0"): 14}
@@ -106,9 +106,11 @@ def _jpeg_header(data: bytes) -> tuple[int, int, bytes] | None:
       if table != segment_end:
         return None
     elif marker == 0xE1:
-      if data.startswith(_JPEG_XMP, body) or (data.startswith(_JPEG_EXIF, body) and exif is not None):
+      if data.startswith(_JPEG_XMP, body):
         return None
       if data.startswith(_JPEG_EXIF, body):
+        if exif is not None:
+          return None
         exif = data[body:segment_end]
     elif marker == 0xE2 and data.startswith(b"MPF\0", body):
       return None
@@ -125,7 +127,7 @@ def _looks_whole(image: Image.Image, data: bytes) -> bool:
   to find out" (a JPEG with bytes after its end marker, an unknown format), not "broken"."""
   fmt = image.format
   if fmt == "JPEG":
-    return data.endswith(b"\xff\xd9")  # the EOI marker; entropy-coded data never ends in it
+    return data.endswith(_JPEG_EOI)  # the end marker; entropy-coded data never ends in it
   if fmt == "WEBP":
     return True  # its RIFF size was checked before opening
   if fmt == "BMP":
@@ -147,7 +149,7 @@ def whole_image_size(data: bytes) -> tuple[int, int]:
     riff_size = 8 + struct.unpack_from("<I", data, 4)[0]
     if len(data) < riff_size:  # libwebp would only say "could not create decoder object"
       raise OSError(f"image file is truncated ({len(data)} of {riff_size} bytes)")
-  if data.endswith(b"\xff\xd9") and (header := _jpeg_header(data)) is not None:  # the common case, no PIL
+  if data.endswith(_JPEG_EOI) and (header := _jpeg_header(data)) is not None:  # the common case, no PIL
     height, width, exif = header
     orientation = _exif_orientation(exif) if exif else 1
     return (width, height) if orientation in _TRANSPOSED_ORIENTATIONS else (height, width)

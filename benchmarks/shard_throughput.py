@@ -59,26 +59,27 @@ def write_jpegs(directory: str, count: int, seed: int = 0) -> str:
   return manifest
 
 
-def cpu_seconds() -> float:
-  """User + system CPU of this process and of its finished children (the Beam worker processes)."""
+def _clocks() -> tuple[float, float, float]:
+  """(wall, user + system CPU, system CPU) of this process and of its finished children (the Beam workers)."""
   own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+  system = own.ru_stime + children.ru_stime
+  return time.perf_counter(), own.ru_utime + children.ru_utime + system, system
 
 
-def sys_seconds() -> float:
-  """The kernel's part of cpu_seconds()."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_stime + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
+def measured(fn, *args, **kwargs):
+  """fn's result and its (wall s, CPU s, of it system s)."""
+  before = _clocks()
+  result = fn(*args, **kwargs)
+  return result, tuple(after - start for after, start in zip(_clocks(), before))
 
 
-def pil_floor(directory: str, count: int) -> tuple[float, float]:
-  start, cpu = time.perf_counter(), cpu_seconds()
+def pil_floor(directory: str, count: int) -> None:
   for i in range(count):
     with open(os.path.join(directory, f"img{i:06d}.jpg"), "rb") as f:
       data = f.read()
     with Image.open(io.BytesIO(data)) as image:
       pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape == (256, 256, 3)
-  return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def main(argv=None) -> int:
@@ -96,8 +97,7 @@ def main(argv=None) -> int:
     workers, _, mode = run.partition(":")
     names.append(f"build_shards, {workers} {mode or 'worker'}")
     cores[names[-1]] = int(workers)
-  times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-  kernel: dict[str, list[float]] = {name: [] for name in names}  # the system-time part of each CPU figure
+  times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}  # (wall, CPU, of it system)
   with tempfile.TemporaryDirectory() as tmp:
     t = time.perf_counter()
     manifest = write_jpegs(tmp, args.images)
@@ -107,23 +107,17 @@ def main(argv=None) -> int:
     tiny = os.path.join(tmp, "tiny.jsonl")  # a 16-image job: what every run pays for Beam's start-up
     with open(manifest) as f, open(tiny, "w") as out:
       out.writelines(itertools.islice(f, 16))
-    startup: list[tuple[float, float]] = []
+    startup: list[tuple[float, float, float]] = []
     digests = set()
     for _ in range(args.reps):  # interleaved: every round measures every variant under the same load
-      kernel_start = sys_seconds()
-      times[names[0]].append(pil_floor(tmp, args.images))
-      kernel[names[0]].append(sys_seconds() - kernel_start)
-      start, cpu = time.perf_counter(), cpu_seconds()
-      build_shards(tiny, os.path.join(tmp, "shards-tiny"), options, workers=1)
-      startup.append((time.perf_counter() - start, cpu_seconds() - cpu))
+      times[names[0]].append(measured(pil_floor, tmp, args.images)[1])
+      startup.append(measured(build_shards, tiny, os.path.join(tmp, "shards-tiny"), options, workers=1)[1])
       for name, run in zip(names[1:], args.runs):
         workers, _, mode = run.partition(":")
         beam_args = [f"--direct_running_mode={dict(threads='multi_threading', processes='multi_processing')[mode]}"] if mode else []
         out = os.path.join(tmp, f"shards-{run.replace(':', '-')}")
-        start, cpu, kernel_start = time.perf_counter(), cpu_seconds(), sys_seconds()
-        info = build_shards(manifest, out, options, workers=int(workers), beam_args=beam_args)
-        times[name].append((time.perf_counter() - start, cpu_seconds() - cpu))
-        kernel[name].append(sys_seconds() - kernel_start)
+        info, clocks = measured(build_shards, manifest, out, options, workers=int(workers), beam_args=beam_args)
+        times[name].append(clocks)
         assert info["num_examples"] == args.images, info["num_examples"]
         digests.add(tuple(s["sha256"] for s in info["shards"]))
     assert len(digests) == 1, "runs gave different shards"
@@ -134,16 +128,16 @@ def main(argv=None) -> int:
         f"{'img/CPU-s':>9s} {'floor/this':>10s} {'of it sys':>9s}  rounds' CPU ratios")
   floor = times[names[0]]
   for name in names:
-    walls = [w * cores[name] for w, _ in times[name]]  # core-seconds by the wall clock
-    cpus = [c for _, c in times[name]]
-    wall_ratio = np.median([w / f for w, (f, _) in zip(walls, floor)])
-    cpu_ratio = np.median([c / f for c, (_, f) in zip(cpus, floor)])
-    wall, cpu = np.median([w for w, _ in times[name]]), np.median(cpus)
-    rounds = " ".join(f"{c / f:.2f}" for c, (_, f) in zip(cpus, floor))
+    walls = [w * cores[name] for w, _, _ in times[name]]  # core-seconds by the wall clock
+    cpus = [c for _, c, _ in times[name]]
+    wall_ratio = np.median([w / f for w, (f, _, _) in zip(walls, floor)])
+    cpu_ratio = np.median([c / f for c, (_, f, _) in zip(cpus, floor)])
+    wall, cpu, system = np.median(times[name], axis=0)
+    rounds = " ".join(f"{c / f:.2f}" for c, (_, f, _) in zip(cpus, floor))
     print(f"{name:28s} {cores[name]:5d} {wall:7.2f} {n / wall / cores[name]:10.1f} {wall_ratio:10.2f} "
-          f"{cpu:7.2f} {n / cpu:9.1f} {cpu_ratio:10.2f} {np.median(kernel[name]):9.2f}  {rounds}")
-  tiny_wall, tiny_cpu = np.median([w for w, _ in startup]), np.median([c for _, c in startup])
-  job_cpu = np.median([c for _, c in times[names[1]]]) if len(names) > 1 else float("nan")
+          f"{cpu:7.2f} {n / cpu:9.1f} {cpu_ratio:10.2f} {system:9.2f}  {rounds}")
+  tiny_wall, tiny_cpu, _ = np.median(startup, axis=0)
+  job_cpu = np.median([c for _, c, _ in times[names[1]]]) if len(names) > 1 else float("nan")
   print(f"Beam's start-up: a 16-image job takes {tiny_wall:.2f} s wall, {tiny_cpu:.2f} CPU-s ({tiny_cpu / job_cpu:.0%} "
         f"of the first job above); it is paid once per run, whatever the number of images")
   return 0
