@@ -5,13 +5,17 @@ decoding the same JPEGs alone with PIL in a plain loop.
 
 Writes 256x256 JPEGs (quality 90, gradients plus noise and shapes, ~20 KiB each) to a temporary directory,
 then measures, in rounds that each run every variant once (so a change in the machine's load hits all of
-them): (1) the floor: read + PIL decode to an RGB array in a plain loop, one core; (2) `build_shards` on the
+them), with one more floor after the last round so that every job run has a floor just before and just after it:
+(1) the floor: read + PIL decode to an RGB array in a plain loop, one core; (2) `build_shards` on the
 in-process runner with 1 worker, 2 worker threads and 2 worker processes (the shards of every run are checked
 to be identical). The job is timed from the call to its return, so Beam's start-up is included. L=1024, P=16, M=16, budget 256
 patches (a 256x256 image is exactly 16x16 patches, 4 per sequence).
 
 Each round also times a 16-image job, which is almost all Beam start-up and pipeline construction, paid once per
 run: the last line puts it next to the whole job.
+
+Every run writes into a fresh directory, as a production job does: on ext4, renaming a new shard over the last
+round's one flushes it to disk first (0.2-0.4 s per run here), a cost of overwriting rather than of building.
 
 The "of it sys" column is the kernel's part of the CPU seconds: for the job mostly writing the shards into the
 page cache, which on this VM grows faster than the data written (the host backs each fresh page on first touch).
@@ -27,6 +31,7 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -111,29 +116,39 @@ def main(argv=None) -> int:
     digests = set()
     for _ in range(args.reps):  # interleaved: every round measures every variant under the same load
       times[names[0]].append(measured(pil_floor, tmp, args.images)[1])
+      shutil.rmtree(os.path.join(tmp, "shards-tiny"), ignore_errors=True)
       startup.append(measured(build_shards, tiny, os.path.join(tmp, "shards-tiny"), options, workers=1)[1])
       for name, run in zip(names[1:], args.runs):
         workers, _, mode = run.partition(":")
         beam_args = [f"--direct_running_mode={dict(threads='multi_threading', processes='multi_processing')[mode]}"] if mode else []
         out = os.path.join(tmp, f"shards-{run.replace(':', '-')}")
+        shutil.rmtree(out, ignore_errors=True)  # untimed: overwriting the last round's shards costs a flush
         info, clocks = measured(build_shards, manifest, out, options, workers=int(workers), beam_args=beam_args)
         times[name].append(clocks)
         assert info["num_examples"] == args.images, info["num_examples"]
         digests.add(tuple(s["sha256"] for s in info["shards"]))
+    times[names[0]].append(measured(pil_floor, tmp, args.images)[1])  # closes the last round's bracket
     assert len(digests) == 1, "runs gave different shards"
   n = args.images
   print(f"\n{n} images, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; median of "
-        f"{args.reps} interleaved rounds; floor/this is the median over rounds of that round's ratio")
+        f"{args.reps} interleaved rounds; floor/this is the median over rounds of that round's ratio to the mean "
+        f"of the floors run just before and just after it")
   print(f"{'':28s} {'cores':>5s} {'wall s':>7s} {'img/s/core':>10s} {'floor/this':>10s} {'CPU s':>7s} "
         f"{'img/CPU-s':>9s} {'floor/this':>10s} {'of it sys':>9s}  rounds' CPU ratios")
-  floor = times[names[0]]
+  floors = times[names[0]]
+  # The machine's speed drifts within minutes; the mean of the two floors that bracket a run cancels a steady drift.
+  brackets = [[(a + b) / 2 for a, b in zip(before, after)] for before, after in zip(floors, floors[1:])]
   for name in names:
-    walls = [w * cores[name] for w, _, _ in times[name]]  # core-seconds by the wall clock
-    cpus = [c for _, c, _ in times[name]]
-    wall_ratio = np.median([w / f for w, (f, _, _) in zip(walls, floor)])
-    cpu_ratio = np.median([c / f for c, (_, f, _) in zip(cpus, floor)])
     wall, cpu, system = np.median(times[name], axis=0)
-    rounds = " ".join(f"{c / f:.2f}" for c, (_, f, _) in zip(cpus, floor))
+    if name == names[0]:
+      wall_ratio = cpu_ratio = 1.0
+      rounds = ""
+    else:
+      walls = [w * cores[name] for w, _, _ in times[name]]  # core-seconds by the wall clock
+      cpus = [c for _, c, _ in times[name]]
+      wall_ratio = np.median([w / f for w, (f, _, _) in zip(walls, brackets)])
+      cpu_ratio = np.median([c / f for c, (_, f, _) in zip(cpus, brackets)])
+      rounds = " ".join(f"{c / f:.2f}" for c, (_, f, _) in zip(cpus, brackets))
     print(f"{name:28s} {cores[name]:5d} {wall:7.2f} {n / wall / cores[name]:10.1f} {wall_ratio:10.2f} "
           f"{cpu:7.2f} {n / cpu:9.1f} {cpu_ratio:10.2f} {system:9.2f}  {rounds}")
   tiny_wall, tiny_cpu, _ = np.median(startup, axis=0)
