@@ -522,17 +522,18 @@ def read_ahead(planned: list[Planned], threads: int = REMOTE_READ_THREADS):
 
 
 def _decode_frames(planned: Planned, frames: list[bytes], options: ShardOptions):
-  """RGB arrays of the example's frames (one for an image), each as it comes."""
-  p = options.patch_size
+  """RGB arrays of the example's frames (one for an image), each resized to the planned grid."""
+  p, rows, cols = options.patch_size, planned.rows, planned.cols
   if planned.source_frames:
     try:
-      yield from video_lib.decode_sampled(frames[0], planned.source_frames, options.video_frames)
+      for pixels in video_lib.decode_sampled(frames[0], planned.source_frames, options.video_frames):
+        yield image_ops.resize_to_grid(pixels, rows, cols, p)
     except Exception as e:  # noqa: BLE001
       raise video_error(planned.example.locations[0], e) from None
     return
   for frame, data in enumerate(frames):
     try:
-      yield image_ops.decode_rgb(data, (planned.rows * p, planned.cols * p))
+      yield image_ops.decode_resized(data, rows * p, cols * p)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
       raise decode_error(planned.example.locations[frame], e) from None
 
@@ -555,8 +556,7 @@ def render_example(planned: Planned, options: ShardOptions, frames: list[bytes] 
   dropping = len(kept) < total
   target = np.empty((total, patch_dim), np.uint8) if dropping else out[:total]
   for frame, pixels in enumerate(_decode_frames(planned, frames, options)):
-    image_ops.patchify_into(image_ops.resize_to_grid(pixels, rows, cols, p), p,
-                            target[frame * per_frame:(frame + 1) * per_frame])
+    image_ops.patchify_into(pixels, p, target[frame * per_frame:(frame + 1) * per_frame])
   yx = image_ops.patch_positions(rows, cols)
   if planned.frames > 1:
     yx = np.tile(yx, (planned.frames, 1))

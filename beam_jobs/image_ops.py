@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height on display.
+_RESAMPLE = Image.Resampling.BILINEAR  # of every resize to a patch grid
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -199,23 +200,38 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
+def _displayed_rgb(image: Image.Image, target_hw: tuple[int, int] | None) -> Image.Image:
+  """The opened image decoded, turned as displayed (EXIF orientation) and in RGB; a JPEG at the smallest DCT
+  scale (1/2, 1/4, 1/8) still at least `target_hw` (as displayed), which makes huge JPEGs several times cheaper."""
+  if target_hw is not None and image.format == "JPEG":
+    th, tw = target_hw
+    if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
+      th, tw = tw, th
+    image.draft("RGB", (tw, th))
+  image.load()  # first: a PNG's getexif() loads the pixels itself, and _orientation would swallow its error
+  if _orientation(image) != 1:  # exif_transpose copies the image even when there is nothing to do.
+    image = ImageOps.exif_transpose(image)
+  return to_rgb(image)
+
+
 def decode_rgb(data: bytes, target_hw: tuple[int, int] | None = None) -> np.ndarray:
   """Decodes any PIL-readable image to uint8 RGB [H, W, 3], applying EXIF orientation.
 
   With `target_hw` (the size it will be resized to, as displayed), a JPEG is decoded at the smallest DCT
-  scale (1/2, 1/4, 1/8) that is still at least that big, which makes huge JPEGs several times cheaper.
-  Raises on a non-image, a truncated or a corrupt file.
+  scale that is still at least that big. Raises on a non-image, a truncated or a corrupt file.
   """
   with open_image(data) as image:
-    if target_hw is not None and image.format == "JPEG":
-      th, tw = target_hw
-      if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
-        th, tw = tw, th
-      image.draft("RGB", (tw, th))
-    image.load()  # first: a PNG's getexif() loads the pixels itself, and _orientation would swallow its error
-    if _orientation(image) != 1:  # exif_transpose copies the image even when there is nothing to do.
-      image = ImageOps.exif_transpose(image)
-    return np.asarray(to_rgb(image), dtype=np.uint8)
+    return np.asarray(_displayed_rgb(image, target_hw), dtype=np.uint8)
+
+
+def decode_resized(data: bytes, height: int, width: int) -> np.ndarray:
+  """resize_to_grid(decode_rgb(data, (height, width)), ...) without its copies: the resize runs on PIL's own
+  decoded image, so the pixels leave PIL once, already at uint8 RGB [height, width, 3]."""
+  with open_image(data) as image:
+    rgb = _displayed_rgb(image, (height, width))
+    if rgb.size != (width, height):
+      rgb = rgb.resize((width, height), _RESAMPLE)
+    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _largest_grid(height: int, width: int, max_patches: int) -> tuple[int, int]:
@@ -266,7 +282,7 @@ def resize_to_grid(pixels: np.ndarray, rows: int, cols: int, patch_size: int) ->
   height, width = rows * patch_size, cols * patch_size
   if pixels.shape[:2] == (height, width):
     return pixels
-  image = Image.fromarray(pixels, "RGB").resize((width, height), Image.Resampling.BILINEAR)
+  image = Image.fromarray(pixels, "RGB").resize((width, height), _RESAMPLE)
   return np.asarray(image, dtype=np.uint8)
 
 

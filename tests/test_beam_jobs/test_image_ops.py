@@ -153,6 +153,29 @@ def test_huge_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_target():
   assert image_ops.decode_rgb(data, target_hw=(300, 300)).shape == (512, 512, 3)  # 1/2 still covers 300
 
 
+@pytest.mark.parametrize("fmt, mode, orientation, size, target", [
+    ("JPEG", "RGB", 6, (300, 200), (64, 96)),     # turned, DCT-scaled to 1/2, then resized
+    ("JPEG", "RGB", 1, (64, 48), (48, 64)),       # already the target size: no resize
+    ("PNG", "P", 1, (50, 30), (32, 48)),          # palette, scaled up
+    ("PNG", "I;16", 1, (40, 70), (64, 32)),       # 16-bit, through an array conversion
+])
+def test_decode_resized_is_decode_then_resize_to_grid(fmt, mode, orientation, size, target):
+  rng = np.random.default_rng(1)
+  image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+  image = image.quantize(16) if mode == "P" else image.convert("I;16") if mode == "I;16" else image
+  kwargs = {}
+  if orientation != 1:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    kwargs["exif"] = exif.tobytes()
+  data = _encode(image, fmt, **kwargs)
+  height, width = target
+  expected = image_ops.resize_to_grid(image_ops.decode_rgb(data, target), height // 16, width // 16, 16)
+  out = image_ops.decode_resized(data, height, width)
+  assert out.shape == (height, width, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"])
 def test_truncated_files_pass_the_header_but_not_the_whole_file_check(fmt):
   pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
