@@ -78,6 +78,14 @@ def measured(fn, *args, **kwargs):
   return result, tuple(after - start for after, start in zip(_clocks(), before))
 
 
+def bracketed_ratios(runs: list[float], floors: list[float]) -> list[float]:
+  """Each run's seconds over the mean of the floors timed just before and just after it (floors[i] and
+  floors[i + 1]): the machine's speed drifts within minutes here, and the mean of the two cancels a steady drift."""
+  if len(floors) != len(runs) + 1:
+    raise ValueError(f"{len(runs)} runs need {len(runs) + 1} floors around them, got {len(floors)}")
+  return [run / ((before + after) / 2) for run, before, after in zip(runs, floors, floors[1:])]
+
+
 def pil_floor(directory: str, count: int) -> None:
   for i in range(count):
     with open(os.path.join(directory, f"img{i:06d}.jpg"), "rb") as f:
@@ -136,8 +144,6 @@ def main(argv=None) -> int:
   print(f"{'':28s} {'cores':>5s} {'wall s':>7s} {'img/s/core':>10s} {'floor/this':>10s} {'CPU s':>7s} "
         f"{'img/CPU-s':>9s} {'floor/this':>10s} {'of it sys':>9s}  rounds' CPU ratios")
   floors = times[names[0]]
-  # The machine's speed drifts within minutes; the mean of the two floors that bracket a run cancels a steady drift.
-  brackets = [[(a + b) / 2 for a, b in zip(before, after)] for before, after in zip(floors, floors[1:])]
   for name in names:
     wall, cpu, system = np.median(times[name], axis=0)
     if name == names[0]:
@@ -145,10 +151,10 @@ def main(argv=None) -> int:
       rounds = ""
     else:
       walls = [w * cores[name] for w, _, _ in times[name]]  # core-seconds by the wall clock
-      cpus = [c for _, c, _ in times[name]]
-      wall_ratio = np.median([w / f for w, (f, _, _) in zip(walls, brackets)])
-      cpu_ratio = np.median([c / f for c, (_, f, _) in zip(cpus, brackets)])
-      rounds = " ".join(f"{c / f:.2f}" for c, (_, f, _) in zip(cpus, brackets))
+      cpu_ratios = bracketed_ratios([c for _, c, _ in times[name]], [c for _, c, _ in floors])
+      wall_ratio = np.median(bracketed_ratios(walls, [w for w, _, _ in floors]))
+      cpu_ratio = np.median(cpu_ratios)
+      rounds = " ".join(f"{r:.2f}" for r in cpu_ratios)
     print(f"{name:28s} {cores[name]:5d} {wall:7.2f} {n / wall / cores[name]:10.1f} {wall_ratio:10.2f} "
           f"{cpu:7.2f} {n / cpu:9.1f} {cpu_ratio:10.2f} {system:9.2f}  {rounds}")
   tiny_wall, tiny_cpu, _ = np.median(startup, axis=0)

@@ -52,7 +52,18 @@ def test_shard_throughput_benchmark_runs_end_to_end_on_a_few_images(capsys):
   """A tiny run of the whole benchmark: every row and the start-up line print, and the job wrote every image
   (the script asserts it and that all runs gave the same shards)."""
   bench = _load("shard_throughput")
-  assert bench.main(["--images", "24", "--runs", "1", "2:threads", "--reps", "1"]) == 0
+  assert bench.main(["--images", "24", "--runs", "1", "2:threads", "--reps", "2"]) == 0
   out = capsys.readouterr().out
   for row in ("PIL decode loop (floor)", "build_shards, 1 worker", "build_shards, 2 threads", "Beam's start-up"):
     assert row in out
+
+
+def test_bracketed_ratios_cancel_a_steady_drift_of_the_machine():
+  """A job that always costs twice the floor, on a machine slowing down steadily: the floor measured before a run
+  alone would say 2.2x and 2.17x; the mean of the floors on both sides of each run says 2x."""
+  bench = _load("shard_throughput")
+  floors = [1.0, 1.2, 1.4]  # timed before round 1, between rounds 1 and 2, after round 2
+  runs = [2 * 1.1, 2 * 1.3]  # each run timed halfway between two floors
+  np.testing.assert_allclose(bench.bracketed_ratios(runs, floors), [2.0, 2.0])
+  with np.testing.assert_raises(ValueError):
+    bench.bracketed_ratios(runs, floors[:2])
