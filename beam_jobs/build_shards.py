@@ -528,12 +528,16 @@ def _decode_frames(planned: Planned, frames: list[bytes], options: ShardOptions)
     try:
       for pixels in video_lib.decode_sampled(frames[0], planned.source_frames, options.video_frames):
         yield image_ops.resize_to_grid(pixels, rows, cols, p)
+    except MemoryError:
+      raise  # the worker's trouble, not the file's: Beam retries the bundle
     except Exception as e:  # noqa: BLE001
       raise video_error(planned.example.locations[0], e) from None
     return
   for frame, data in enumerate(frames):
     try:
       yield image_ops.decode_resized(data, rows * p, cols * p)
+    except MemoryError:
+      raise  # the worker's trouble, not the file's: Beam retries the bundle
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
       raise decode_error(planned.example.locations[frame], e) from None
 

@@ -14,8 +14,8 @@ patches (a 256x256 image is exactly 16x16 patches, 4 per sequence).
 Each round also times a 16-image job, which is almost all Beam start-up and pipeline construction, paid once per
 run: the last line puts it next to the whole job.
 
-Every run writes into a fresh directory, as a production job does: on ext4, renaming a new shard over the last
-round's one flushes it to disk first (0.2-0.4 s per run here), a cost of overwriting rather than of building.
+Every run writes into a fresh directory, as a first build into an empty directory does: on ext4, renaming a new
+shard over the last round's one flushes it to disk first (0.2-0.4 s per run here), which a rebuild in place pays.
 
 The "of it sys" column is the kernel's part of the CPU seconds: for the job mostly writing the shards into the
 page cache, which on this VM grows faster than the data written (the host backs each fresh page on first touch).
@@ -139,8 +139,8 @@ def main(argv=None) -> int:
     assert len(digests) == 1, "runs gave different shards"
   n = args.images
   print(f"\n{n} images, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; median of "
-        f"{args.reps} interleaved rounds; floor/this is the median over rounds of that round's ratio to the mean "
-        f"of the floors run just before and just after it")
+        f"{args.reps} interleaved rounds (of the floor's {args.reps + 1} runs); floor/this is the median over rounds "
+        f"of that round's ratio to the mean of the floors run just before and just after it")
   print(f"{'':28s} {'cores':>5s} {'wall s':>7s} {'img/s/core':>10s} {'floor/this':>10s} {'CPU s':>7s} "
         f"{'img/CPU-s':>9s} {'floor/this':>10s} {'of it sys':>9s}  rounds' CPU ratios")
   floors = times[names[0]]

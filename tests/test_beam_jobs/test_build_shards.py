@@ -545,3 +545,23 @@ def test_gc_pause_overlapping_in_threads_restores_the_collector_once_the_last_le
     assert not gc.isenabled()
   finally:
     gc.enable()
+
+
+def test_a_worker_out_of_memory_fails_the_bundle_instead_of_quarantining_the_image(tmp_path, monkeypatch):
+  """A decode error is the file's fault and becomes an error row; running out of memory is the worker's, so it
+  must reach Beam (which retries the bundle elsewhere) rather than mark a good image as bad for ever."""
+  from beam_jobs import build_shards as bs
+  path = tmp_path / "a.png"
+  Image.new("RGB", (40, 24), (1, 2, 3)).save(path)
+  options = ShardOptions(seq_len=64, patch_size=16, max_images=4)
+  planned = bs.plan_example(SourceExample(ManifestRecord(id="a", label=0, image=str(path), line=1), (str(path),)),
+                            options)
+  assert bs.render_example(planned, options)["grid"] == (2, 2)  # 40x24 rounds to 2x2 patches: a resize
+
+  for raised, expected in ((MemoryError(), MemoryError), (OSError("broken data stream"), bs.ExampleError)):
+    def decode_fails(*args, raised=raised, **kwargs):
+      raise raised
+
+    monkeypatch.setattr(bs.image_ops, "decode_resized", decode_fails)
+    with pytest.raises(expected):
+      bs.render_example(planned, options)

@@ -155,14 +155,24 @@ def test_huge_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_target():
 
 @pytest.mark.parametrize("fmt, mode, orientation, size, target", [
     ("JPEG", "RGB", 6, (300, 200), (64, 96)),     # turned, DCT-scaled to 1/2, then resized
+    ("JPEG", "RGB", 8, (300, 200), (160, 96)),    # turned the other way, resized
     ("JPEG", "RGB", 1, (64, 48), (48, 64)),       # already the target size: no resize
+    ("JPEG", "CMYK", 1, (90, 60), (48, 80)),      # converted by PIL, then resized
     ("PNG", "P", 1, (50, 30), (32, 48)),          # palette, scaled up
+    ("PNG", "PA", 1, (50, 30), (32, 48)),         # palette with a transparent entry: through RGBA
     ("PNG", "I;16", 1, (40, 70), (64, 32)),       # 16-bit, through an array conversion
 ])
 def test_decode_resized_is_decode_then_resize_to_grid(fmt, mode, orientation, size, target):
   rng = np.random.default_rng(1)
   image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-  image = image.quantize(16) if mode == "P" else image.convert("I;16") if mode == "I;16" else image
+  if mode == "I;16":  # the full 16-bit range, so the high byte that is kept varies
+    image = Image.fromarray(rng.integers(0, 65536, (size[1], size[0])).astype(np.uint16))
+  elif mode in ("P", "PA"):
+    image = image.quantize(16)
+    if mode == "PA":
+      image.info["transparency"] = 3
+  elif mode == "CMYK":
+    image = image.convert("CMYK")
   kwargs = {}
   if orientation != 1:
     exif = Image.Exif()
