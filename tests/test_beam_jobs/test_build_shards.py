@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import os
@@ -92,6 +93,8 @@ def test_tensorflow_reads_shards_and_patches_reassemble_to_the_resized_image(syn
       assert shard["split"] == manifest[rid]["split"]
     assert (ex["patches"][ex["segment_ids"] == 0] == 0).all()
   assert seen == set(manifest)
+  for shard in info["shards"]:  # the recorded digest is the file's, whole and nothing after it
+    assert hashlib.sha256((shard_dir / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
   assert info["num_examples"] == len(manifest) and info["num_errors"] == 0
   assert 0 < info["packing_efficiency"] <= 1
   assert sum(info["histograms"]["images_per_sequence"]["counts"]) == info["num_sequences"]
@@ -565,3 +568,17 @@ def test_a_worker_out_of_memory_fails_the_bundle_instead_of_quarantining_the_ima
     monkeypatch.setattr(bs.image_ops, "decode_resized", decode_fails)
     with pytest.raises(expected):
       bs.render_example(planned, options)
+
+
+def test_preallocate_reserves_a_local_file_and_leaves_anything_else_alone(tmp_path):
+  from beam_jobs import build_shards as bs
+  with open(tmp_path / "shard.tmp", "wb") as f:
+    assert bs.preallocate(f, 1 << 20)  # Linux, a local file system with fallocate
+    assert os.fstat(f.fileno()).st_size == 1 << 20
+    f.write(b"record")
+    f.truncate()
+  assert (tmp_path / "shard.tmp").read_bytes() == b"record"
+  assert not bs.preallocate(io.BytesIO(), 1 << 20)  # no file descriptor: a remote file, say
+  with open(tmp_path / "empty.tmp", "wb") as f:
+    assert not bs.preallocate(f, 0)
+  assert bs.record_bytes_bound(OPTIONS.spec) >= OPTIONS.seq_len * OPTIONS.spec.patch_dim
