@@ -655,7 +655,7 @@ def shard_path(output_dir: str, split: str, shard: int, num_shards: int) -> tupl
 def _libc_fallocate():
   try:
     fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-  except (OSError, AttributeError):  # not Linux
+  except (OSError, AttributeError, TypeError):  # not Linux (no such symbol, or no process handle on Windows)
     return None
   fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
   fallocate.restype = ctypes.c_int
