@@ -186,7 +186,7 @@ def read_location(example: SourceExample, index: int) -> bytes:
   else:
     path = example.locations[index]
     try:
-      if "://" in path:
+      if not is_local(path):
         with _filesystem(path).open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
           data = f.read()
       else:  # unbuffered: one read sized by fstat (Beam's local open adds a buffered reader and a codec probe)
@@ -825,8 +825,8 @@ def write_info(_, shards, errors, window_labels, output_dir, options, class_name
 
 class BuildShards(beam.PTransform):
   """{"examples", "errors"} of a source -> shard files; returns {"shards": shard stats, "errors": error rows,
-  "labels": the largest label of each window}. Every source record ends as exactly one written image or one error row, so the number
-  of records is the sum of the two."""
+  "labels": the largest label of each window}. Every source record ends as exactly one written image or one
+  error row, so the number of records is the sum of the two."""
 
   def __init__(self, output_dir: str, options: ShardOptions):
     super().__init__()
