@@ -19,7 +19,6 @@ and write goes through Beam's FileSystems, so inputs and outputs may be local pa
 import collections
 import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import gc
@@ -46,7 +45,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 from PIL import UnidentifiedImageError
 
-from beam_jobs import image_ops, packing, tfrecord
+from beam_jobs import image_ops, packing, shard_file, tfrecord
 from beam_jobs import video as video_lib
 from beam_jobs import text as text_lib
 from beam_jobs.navit import ResolutionSampling, TokenDrop
@@ -651,31 +650,6 @@ def shard_path(output_dir: str, split: str, shard: int, num_shards: int) -> tupl
   return rel, FileSystems.join(output_dir, split, f"shard-{shard:05d}-of-{num_shards:05d}.tfrecord")
 
 
-@functools.lru_cache(maxsize=1)
-def _libc_fallocate():
-  try:
-    fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-  except (OSError, AttributeError, TypeError):  # not Linux (no such symbol, or no process handle on Windows)
-    return None
-  fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-  fallocate.restype = ctypes.c_int
-  return fallocate
-
-
-def preallocate(f, nbytes: int) -> bool:
-  """Reserves `nbytes` of disk for a local file about to be written (fallocate(2); the file reads as that long,
-  zeros after what is written, until it is truncated). Writing into reserved blocks spares ext4 its per-page
-  delayed-allocation work: a fifth less kernel time for writing shards here. Best effort: False, with nothing
-  changed, for a remote file, a file system or an OS without fallocate (never posix_fallocate's fallback, which
-  writes zeros over the whole range first)."""
-  fallocate = _libc_fallocate()
-  try:
-    fd = f.fileno()
-  except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
-    return False
-  return fallocate is not None and nbytes > 0 and fallocate(fd, 0, 0, nbytes) == 0
-
-
 def record_bytes_bound(spec: PackedSpec) -> int:
   """About the most bytes one framed packed example takes: the patches plus up to 32 bytes per token for the
   per-token fields, 20 per text token, 4 KiB for the per-slot ones. Only sizes a reservation, so a record
@@ -713,11 +687,10 @@ class WriteShard(beam.DoFn):
              "tokens_dropped": 0, "text_tokens_truncated": 0, "tokens_per_image": [0] * len(buckets),
              "images_per_sequence": [0] * (opts.max_images + 1)}
     digest = hashlib.sha256()
-    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-      ordered = [(h, [planned for _, planned in sorted(bins[h], key=lambda sp: sp[0])]) for h in sorted(bins)]
+    ordered = [(h, [planned for _, planned in sorted(bins[h], key=lambda sp: sp[0])]) for h in sorted(bins)]
+    with shard_file.create(tmp, is_local(tmp), len(ordered) * record_bytes_bound(spec)) as f:
       reads = read_ahead([planned for _, members in ordered for planned in members])
       buffer = np.empty((spec.seq_len, spec.patch_dim), np.uint8)  # each record's patches, rendered in place
-      reserved = preallocate(f, len(ordered) * record_bytes_bound(spec))
       for h, members in ordered:
         examples, pos = [], 0
         for planned in members:
@@ -748,8 +721,6 @@ class WriteShard(beam.DoFn):
         self._images.inc(len(examples))
         self._sequences.inc()
         self._progress.add(len(examples))
-      if reserved:
-        f.truncate()  # to what was written: the reservation was an upper bound
     FileSystems.rename([tmp], [path])
     stats["sha256"] = digest.hexdigest()
     yield stats

@@ -570,15 +570,6 @@ def test_a_worker_out_of_memory_fails_the_bundle_instead_of_quarantining_the_ima
       bs.render_example(planned, options)
 
 
-def test_preallocate_reserves_a_local_file_and_leaves_anything_else_alone(tmp_path):
+def test_the_disk_reserved_for_a_shard_covers_a_full_record():
   from beam_jobs import build_shards as bs
-  with open(tmp_path / "shard.tmp", "wb") as f:
-    assert bs.preallocate(f, 1 << 20)  # Linux, a local file system with fallocate
-    assert os.fstat(f.fileno()).st_size == 1 << 20
-    f.write(b"record")
-    f.truncate()
-  assert (tmp_path / "shard.tmp").read_bytes() == b"record"
-  assert not bs.preallocate(io.BytesIO(), 1 << 20)  # no file descriptor: a remote file, say
-  with open(tmp_path / "empty.tmp", "wb") as f:
-    assert not bs.preallocate(f, 0)
   assert bs.record_bytes_bound(OPTIONS.spec) >= OPTIONS.seq_len * OPTIONS.spec.patch_dim
