@@ -2,9 +2,9 @@
 reserved up front), anything else goes through Beam's FileSystems.
 
 Why bypass the page cache: a shard is written once and this process never reads it back, yet copying it into
-fresh page-cache pages was the largest kernel cost of the whole job on the dev VM (70% of the job's system
-time was that copy). With O_DIRECT the bytes are copied once, in user space, into page-aligned blocks that a
-writer thread hands to the disk while the next block fills. A file system that refuses O_DIRECT (tmpfs before
+fresh page-cache pages was the largest kernel cost of the whole job on the dev VM. With O_DIRECT the bytes are
+copied once, in user space, into page-aligned blocks that a writer thread hands to the disk while the next
+block fills: at 16,000 images the job's CPU went from 19.1 to 14.1 s (its kernel part from 4.8 to 0.9 s). A file system that refuses O_DIRECT (tmpfs before
 Linux 6.6, some FUSE mounts) or its alignment gets the same bytes written the ordinary way.
 """
 
@@ -143,7 +143,7 @@ def create(path: str, local: bool, reserve_bytes: int = 0):
       yield f
     return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+  flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
   fd = None
   if use_direct_io and hasattr(os, "O_DIRECT"):
     with contextlib.suppress(OSError):  # EINVAL: this file system has no O_DIRECT

@@ -17,8 +17,8 @@ run: the last line puts it next to the whole job.
 Every run writes into a fresh directory, as a first build into an empty directory does: on ext4, renaming a new
 shard over the last round's one flushes it to disk first (0.2-0.4 s per run here), which a rebuild in place pays.
 
-The "of it sys" column is the kernel's part of the CPU seconds: for the job mostly writing the shards into the
-page cache, which on this VM grows faster than the data written (the host backs each fresh page on first touch).
+The "of it sys" column is the kernel's part of the CPU seconds: reading the JPEGs, memory the process maps, and
+for the job its file system work (local shards are written with O_DIRECT, so not copied into the page cache).
 
 Two figures per row: per core by wall clock (images / seconds / cores used) and per CPU-second (images /
 CPU seconds of this process and its worker processes). On a machine shared with other jobs the wall-clock
