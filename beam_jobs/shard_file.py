@@ -38,8 +38,9 @@ def _libc_fallocate():
 def preallocate(fd: int, nbytes: int) -> bool:
   """Reserves `nbytes` of disk for a local file about to be written (fallocate(2); the file reads as that long,
   zeros after what is written, until it is truncated). Writing into reserved blocks spares ext4 its per-block
-  allocation work. Best effort: False, with nothing changed, for a file system or an OS without fallocate
-  (never posix_fallocate's fallback, which writes zeros over the whole range first)."""
+  allocation work. Best effort: False for a file system or an OS without fallocate (never posix_fallocate's
+  fallback, which writes zeros over the whole range first), or when the disk is short of the space; a
+  reservation that failed part-way can still have made the file longer, so writers truncate it at the end."""
   fallocate = _libc_fallocate()
   return fallocate is not None and nbytes > 0 and fallocate(fd, 0, 0, nbytes) == 0
 
@@ -95,6 +96,8 @@ class DirectWriter:
           raise
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         continue
+      if n == 0:  # no progress and no error: do not spin
+        raise OSError(errno.EIO, f"write of {len(view)} bytes at offset {offset} wrote nothing")
       view, offset = view[n:], offset + n
 
   def close(self, abandon: bool = False) -> None:
@@ -109,26 +112,31 @@ class DirectWriter:
         os.ftruncate(self._fd, size)  # drops the padding and whatever was reserved beyond it
     finally:
       self._pool.shutdown()  # lets a write still in flight finish before its descriptor goes
-      os.close(self._fd)
+      with contextlib.suppress(OSError) if abandon else contextlib.nullcontext():  # keep the error abandoning
+        os.close(self._fd)
       # The blocks are unmapped when the last reference goes: closing them here could fail while a traceback
       # still holds a view of one, and hide the error being raised.
       self._views = self._blocks = None
 
 
 class _BufferedWriter:
-  """An ordinary local file with its reservation: truncated on close to what was written."""
+  """An ordinary local file, truncated on close to what was written (a reservation may have made it longer, even
+  one that failed part-way)."""
 
-  def __init__(self, fd: int, reserved: bool):
-    self._file, self._reserved = os.fdopen(fd, "wb"), reserved
+  def __init__(self, fd: int):
+    self._file = os.fdopen(fd, "wb")
 
   def write(self, piece) -> int:
     return self._file.write(piece)
 
   def close(self, abandon: bool = False) -> None:
+    if abandon:
+      with contextlib.suppress(OSError):  # keep the error abandoning
+        self._file.close()
+      return
     try:
-      if self._reserved and not abandon:
-        self._file.flush()
-        self._file.truncate()
+      self._file.flush()
+      self._file.truncate()
     finally:
       self._file.close()
 
@@ -151,8 +159,12 @@ def create(path: str, local: bool, reserve_bytes: int = 0):
   direct = fd is not None
   if fd is None:
     fd = os.open(path, flags, 0o666)
-  reserved = preallocate(fd, reserve_bytes)
-  writer = DirectWriter(fd) if direct else _BufferedWriter(fd, reserved)
+  try:
+    preallocate(fd, reserve_bytes)
+    writer = DirectWriter(fd) if direct else _BufferedWriter(fd)
+  except BaseException:
+    os.close(fd)
+    raise
   try:
     yield writer
   except BaseException:
