@@ -4,8 +4,9 @@ reserved up front), anything else goes through Beam's FileSystems.
 Why bypass the page cache: a shard is written once and this process never reads it back, yet copying it into
 fresh page-cache pages was the largest kernel cost of the whole job on the dev VM. With O_DIRECT the bytes are
 copied once, in user space, into page-aligned blocks that a writer thread hands to the disk while the next
-block fills: at 16,000 images the job's CPU went from 19.1 to 14.1 s (its kernel part from 4.8 to 0.9 s). A file system that refuses O_DIRECT (tmpfs before
-Linux 6.6, some FUSE mounts) or its alignment gets the same bytes written the ordinary way.
+block fills: at 16,000 images the job's CPU went from 19.1 to 14.1 s (its kernel part from 4.8 to 0.9 s). A
+file system that refuses O_DIRECT (tmpfs before Linux 6.6, some FUSE mounts) or its alignment gets the same
+bytes written the ordinary way.
 """
 
 import concurrent.futures

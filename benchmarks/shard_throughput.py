@@ -14,8 +14,8 @@ patches (a 256x256 image is exactly 16x16 patches, 4 per sequence).
 Each round also times a 16-image job, which is almost all Beam start-up and pipeline construction, paid once per
 run: the last line puts it next to the whole job.
 
-Every run writes into a fresh directory, as a first build into an empty directory does: on ext4, renaming a new
-shard over the last round's one flushes it to disk first (0.2-0.4 s per run here), which a rebuild in place pays.
+Every run writes into a fresh directory, as a first build into an empty directory does (while shards went through
+the page cache, renaming one over the last round's made ext4 flush it first, 0.2-0.4 s per run here).
 
 The "of it sys" column is the kernel's part of the CPU seconds: reading the JPEGs, memory the process maps, and
 for the job its file system work (local shards are written with O_DIRECT, so not copied into the page cache).
