@@ -1,17 +1,21 @@
-# make demo: set up (first time) and run the smoke pipeline end to end.  make test: set up and run the tests.
+# make demo: set up (first time) and run the smoke pipeline end to end.  make test: set up and run every test (CI).
+# make test-fast: the tests not marked slow (end-to-end runs, multi-device training), under 2 minutes.
 SHELL := /bin/bash
 UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 VENV := .venv
 STAMP := $(VENV)/.synced
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test test-fast setup clean
 
 demo: $(STAMP)
 	$(VENV)/bin/patchflow run smoke
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 setup: $(STAMP)
 

@@ -38,13 +38,17 @@ def signature(pipeline) -> dict[str, tuple[type, object]]:
 
 
 def parse_parameters(pipeline, assignments: list[str]) -> dict[str, object]:
-  """`key=value` strings -> typed parameters; unknown keys and wrong types name the parameter."""
+  """`key=value` strings -> typed parameters; unknown keys and wrong types name the parameter. A dotted key
+  (`train.steps=50`) of a pipeline with an `overrides` parameter is a config override added to it."""
   sig = signature(pipeline)
   out = {}
   for assignment in assignments:
     if "=" not in assignment:
       raise ContractError(f"parameter {assignment!r}: expected KEY=VALUE")
     key, raw = assignment.split("=", 1)
+    if "." in key and "overrides" in sig:
+      out["overrides"] = {**out.get("overrides", {}), key: raw}
+      continue
     if key not in sig:
       raise ContractError(f"unknown parameter {key!r} for pipeline {pipeline.name!r} "
                           f"(known: {', '.join(sorted(sig))})")

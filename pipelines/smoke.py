@@ -1,38 +1,36 @@
-"""The smoke DAG: every stage real and small. Its parameters carry every knob; defaults run in ~1.5 min on CPU."""
+"""The smoke DAG: every stage real and small; the defaults run in about 1.5 minutes on CPU.
 
-import json
+  patchflow run smoke [--set steps=50] [--set config=navit_s16 --set 'overrides={"train.steps": 50}']
+
+The model trained is `config` (a name under trainers/configs or a path) with the shortcut parameters
+(steps, batch_size, learning_rate, width, depth; 0 keeps the config's value) and then `overrides` applied.
+"""
 
 from kfp import dsl
 
-from components import calibration as calibration_steps
-from components import smoke as step
+from components import evaluate as evaluate_steps
+from components import report as report_steps
+from components import train as train_steps
+from pipelines.synthetic_shards import with_synthetic_shards
 from pipelines.targets import configure_task
 
 
 def build(target: dict | None = None):
   """The smoke pipeline, with a runtime target's image and resources applied to each step (None: as is)."""
   on = lambda task, name: configure_task(task, name, target)
-  beam_args = json.dumps((target or {}).get("beam_args", []))
 
   @dsl.pipeline(name="smoke", description="Synthetic multimodal data -> packed shards -> NaViT checkpoint -> "
                 "predictions, calibration metrics -> report.html")
-  def smoke(seed: int = 0, num_train: int = 600, num_val: int = 150, num_test: int = 150,
-            seq_len: int = 256, patch_size: int = 16, max_images: int = 16, max_patches_per_image: int = 64,
-            num_shards: int = 2, steps: int = 120, batch_size: int = 16, learning_rate: float = 3e-3,
-            width: int = 64, depth: int = 2) -> dsl.HTML:
-    data = on(step.make_synthetic_data(seed=seed, num_train=num_train, num_val=num_val, num_test=num_test),
-              "make-synthetic-data")
-    shards = on(step.build_shards(data=data.outputs["data"], seq_len=seq_len, patch_size=patch_size,
-                                  max_images=max_images, max_patches_per_image=max_patches_per_image,
-                                  num_shards=num_shards, beam_args=beam_args), "build-shards")
-    checkpoint = on(step.train(shards=shards.outputs["shards"], seed=seed, steps=steps, batch_size=batch_size,
-                               learning_rate=learning_rate, width=width, depth=depth), "train")
-    evaluation = on(step.evaluate(shards=shards.outputs["shards"], checkpoint=checkpoint.outputs["checkpoint"]),
-                    "evaluate")
-    calibration = on(calibration_steps.calibrate(evaluation=evaluation.outputs["evaluation"]), "calibrate")
-    report = on(step.report(shards=shards.outputs["shards"], checkpoint=checkpoint.outputs["checkpoint"],
-                            evaluation=evaluation.outputs["evaluation"],
-                            calibration=calibration.outputs["calibration"]), "report")
+  @with_synthetic_shards(target)
+  def smoke(shards: dsl.Dataset, seed: int, config: str = "smoke", overrides: dict = {}, steps: int = 0,
+            batch_size: int = 0, learning_rate: float = 0.0, width: int = 0, depth: int = 0) -> dsl.HTML:
+    checkpoint = on(train_steps.train(shards=shards, config=config, overrides=overrides, seed=seed, steps=steps,
+                                      batch_size=batch_size, learning_rate=learning_rate, width=width, depth=depth),
+                    "train").outputs["checkpoint"]
+    evaluation = on(evaluate_steps.evaluate(shards=shards, checkpoint=checkpoint), "evaluate").outputs["evaluation"]
+    calibration = on(evaluate_steps.calibrate(evaluation=evaluation), "calibrate").outputs["calibration"]
+    report = on(report_steps.report(shards=shards, checkpoint=checkpoint, evaluation=evaluation,
+                                    calibration=calibration), "report")
     return report.outputs["report"]
 
   return smoke

@@ -54,7 +54,7 @@ def validate_variant(variant: dict) -> dict:
 
 
 def member_overrides(variant: dict, seed: int) -> dict:
-  """Config overrides (on top of the smoke config) for one member."""
+  """Config overrides (on top of the study-wide config) for one member."""
   return {"seed": seed, "model.width": variant["width"], "model.depth": variant["depth"],
           "model.heads": variant["heads"], "model.mlp_dim": variant["mlp_dim"],
           "model.dropout": float(variant["dropout"]) if variant["method"] == "mc_dropout" else 0.0,
@@ -62,19 +62,26 @@ def member_overrides(variant: dict, seed: int) -> dict:
           else 0.0}
 
 
-def train_variant(shard_dir: str, workdir: str, variant: dict, overrides: dict, log=print) -> dict:
-  """Trains every member of a variant under workdir/member-<seed> (seed = overrides' seed + variant seed) and
-  writes variant.json; `overrides` are the study-wide config overrides (steps, batch size, ...)."""
+def base_config(config: str | dict, overrides: dict) -> dict:
+  """The study-wide config: `config` (a name, a path or a config dict) with `overrides` (steps, batch size, ...)."""
   from trainers.configs import apply_overrides, load_config
+  return apply_overrides(load_config(config) if isinstance(config, str) else config, overrides)
+
+
+def train_variant(shard_dir: str, workdir: str, variant: dict, overrides: dict, log=print,
+                  config: str | dict = "smoke") -> dict:
+  """Trains every member of a variant under workdir/member-<seed> (seed = the config's seed + variant seed) and
+  writes variant.json; `overrides` apply to `config` study-wide, each member's own overrides on top."""
+  from trainers.configs import apply_overrides
   from trainers.train import train
   variant = validate_variant(variant)
-  base_seed = int(overrides.get("seed", 0))
+  base = base_config(config, overrides)
   members = []
   for offset in variant["seeds"]:
-    seed = base_seed + offset
-    config = apply_overrides(load_config("smoke"), {**overrides, **member_overrides(variant, seed)})
+    seed = base["seed"] + offset
     log(f"study: training {variant['name']}/{variant['method']} member seed {seed}")
-    final = train(shard_dir, os.path.join(workdir, f"member-{seed}"), config, log=log)
+    final = train(shard_dir, os.path.join(workdir, f"member-{seed}"), apply_overrides(base, member_overrides(variant, seed)),
+                  log=log)
     members.append({"seed": seed, "dir": f"member-{seed}", "final": final})
   return _write_record(workdir, {"variant": variant, "members": members})
 
@@ -113,23 +120,24 @@ def _member_name(overrides: dict) -> str:
                               for key in sorted(overrides, key=order.index))
 
 
-def train_model(shard_dir: str, workdir: str, model: dict, overrides: dict, log=print) -> list[dict]:
+def train_model(shard_dir: str, workdir: str, model: dict, overrides: dict, log=print,
+                config: str | dict = "smoke") -> list[dict]:
   """Trains the members of every variant of a model, each distinct member once, under workdir/member-*;
-  writes workdir/<method>/variant.json (members' dirs relative to it) for evaluators.study.evaluate_variant."""
-  from trainers.configs import apply_overrides, load_config
+  writes workdir/<method>/variant.json (members' dirs relative to it) for evaluators.study.evaluate_variant.
+  `overrides` apply to `config` study-wide, each member's own overrides on top."""
+  from trainers.configs import apply_overrides
   from trainers.train import train
-  base_seed = int(overrides.get("seed", 0))
+  base = base_config(config, overrides)
   trained, records = {}, []
   for variant in model_variants(model):
     members = []
     for offset in variant["seeds"]:
-      seed = base_seed + offset
+      seed = base["seed"] + offset
       member = member_overrides(variant, seed)
       name = _member_name(member)
       if name not in trained:
-        config = apply_overrides(load_config("smoke"), {**overrides, **member})
         log(f"study: training {variant['name']} {name} (for {variant['method']})")
-        trained[name] = train(shard_dir, os.path.join(workdir, name), config, log=log)
+        trained[name] = train(shard_dir, os.path.join(workdir, name), apply_overrides(base, member), log=log)
       else:
         log(f"study: {variant['name']}/{variant['method']} member seed {seed} is {name}, already trained")
       members.append({"seed": seed, "dir": os.path.join("..", name), "final": trained[name]})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipelines.cli import main
+from runner.cli import main
 
 
 def test_every_flag_reaches_the_job(synthetic_dir, tmp_path, capsys):

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from beam_jobs import text
 from beam_jobs.build_shards import ShardOptions, build_shards
-from pipelines.cli import main
+from runner.cli import main
 from schemas.dataset_info import packed_spec, read_dataset_info
 from schemas.errors import ContractError
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from evaluators import calibration
-from pipelines.cli import main
+from runner.cli import main
 from schemas.errors import ContractError
 
 

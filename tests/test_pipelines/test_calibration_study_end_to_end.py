@@ -34,3 +34,9 @@ def test_study_runs_every_model_and_reports(tmp_path):
   for row in ("T / deterministic", "T / temperature_scaling", "T / ensemble"):
     assert row in html
   assert "ECE vs accuracy" in html and "data:image/png;base64," in html
+  # Every step goes through the one step cache: the same run again reuses all of them.
+  again = subprocess.run([exe, "rerun", match.group(1), "--home", str(tmp_path)], capture_output=True, text=True,
+                         timeout=900)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  for step in ("make_synthetic_data", "build_shards", "train_model", "evaluate_model", "study_report"):
+    assert f"cache: {step} hit" in again.stdout, again.stdout[-3000:]

@@ -1,4 +1,8 @@
-"""Config registry: name -> module with get_config(); `--set key=value` overrides dotted keys."""
+"""Config registry: name -> module with get_config(); `--set key=value` overrides dotted keys.
+
+A pipeline's train step builds its config the same way (build_config): a config name or file, then the
+pipeline's shortcut parameters (SHORTCUTS; 0 keeps the config's value), then a dict of dotted overrides.
+"""
 
 import ast
 import copy
@@ -9,6 +13,9 @@ import os
 from schemas.errors import ContractError
 
 NAMES = ("smoke", "navit_s16", "navit_b16")
+# Pipeline parameters that stand for a config key, for `patchflow run smoke --set steps=50`.
+SHORTCUTS = {"steps": "train.steps", "batch_size": "train.batch_size", "learning_rate": "train.learning_rate",
+             "width": "model.width", "depth": "model.depth"}
 REQUIRED_KEYS = ("seed", "train.steps", "train.batch_size", "train.checkpoint_every", "train.log_every",
                  "mesh.data", "mesh.model")
 
@@ -58,8 +65,23 @@ def apply_overrides(config: dict, overrides: dict) -> dict:
         raise ContractError(f"config override {dotted!r}: cannot parse {value!r}") from None
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
+    # A dict pipeline parameter reaches a KFP step through a protobuf Struct, where every number is a float.
+    if type(old) is int and isinstance(value, float) and value.is_integer():
+      value = int(value)
     if type(value) is not type(old):
       raise ContractError(f"config override {dotted!r}: expected {type(old).__name__}, got {value!r}")
     node[leaf] = value
   validate_config(config, "after overrides")
   return config
+
+
+def build_config(name_or_path: str, overrides: dict, **shortcuts) -> dict:
+  """What a pipeline's train step trains: the config, then its shortcut parameters (keys of SHORTCUTS; 0 keeps
+  the config's value), then `overrides` (dotted keys, which win)."""
+  unknown = sorted(set(shortcuts) - set(SHORTCUTS))
+  if unknown:
+    raise ContractError(f"unknown shortcut parameter {unknown[0]!r} (known: {', '.join(SHORTCUTS)})")
+  if not isinstance(overrides, dict):
+    raise ContractError(f"overrides: expected a JSON object of dotted config keys, got {overrides!r}")
+  from_shortcuts = {SHORTCUTS[name]: value for name, value in shortcuts.items() if value}
+  return apply_overrides(load_config(name_or_path), {**from_shortcuts, **overrides})

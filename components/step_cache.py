@@ -4,8 +4,9 @@ kfp.local's own cache keys on artifact URIs, which differ per run, so a step fed
 never hits. Here the key is the step name, a digest of the step's code (its library packages), its
 parameters and the content fingerprints of its input artifacts. A hit copies the cached outputs into place
 and returns the cached result; a miss runs the step and stores its outputs under the key (temporary name,
-then rename). Enabled when $PATCHFLOW_CACHE names a directory (`patchflow run` sets it); remote runs use
-Vertex/KFP caching instead.
+then rename). Every component body goes through run_cached. It is enabled when the environment variable
+CACHE_DIR_ENV names a directory: the local runner sets it for the steps it starts (runner/local_run.py);
+remote runs use Vertex/KFP caching instead.
 """
 
 import hashlib
@@ -15,6 +16,7 @@ import shutil
 import sys
 from typing import Any, Callable
 
+CACHE_DIR_ENV = "PATCHFLOW_CACHE"
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,7 +51,7 @@ def _copy(src: str, dst: str) -> None:
 def run_cached(step: str, packages: tuple[str, ...], params: dict, inputs: dict[str, str],
                outputs: dict[str, str], fn: Callable[[], Any]) -> Any:
   """Runs fn() unless an identical step ran before; returns fn's (JSON-able) result either way."""
-  cache_root = os.environ.get("PATCHFLOW_CACHE")
+  cache_root = os.environ.get(CACHE_DIR_ENV)
   if not cache_root:
     return fn()
   key = cache_key(step, packages + ("components",), params, inputs)

@@ -30,8 +30,8 @@ def _run(args) -> int:
 
 
 def _rerun(args) -> int:
-  from pipelines import history
-  from pipelines.local_run import runs_home
+  from runner import history
+  from runner.local_run import runs_home
   home = args.home or runs_home()
   previous = history.get_run(home, args.run_id)
   pipeline = registry.get_pipeline(previous["pipeline"])
@@ -41,8 +41,8 @@ def _rerun(args) -> int:
 
 def _runs(args) -> int:
   import json
-  from pipelines import history
-  from pipelines.local_run import runs_home
+  from runner import history
+  from runner.local_run import runs_home
   runs = history.list_runs(args.home or runs_home())
   if args.json:
     print(json.dumps(runs, indent=1, sort_keys=True))
@@ -56,7 +56,7 @@ def _runs(args) -> int:
 
 def _run_and_report(name: str, params: dict, home: str | None, parent: str | None = None,
                     use_cache: bool = True) -> int:
-  from pipelines.local_run import last_error_line, run_pipeline, step_log
+  from runner.local_run import last_error_line, run_pipeline, step_log
   record = run_pipeline(name, params, home=home, parent=parent, use_cache=use_cache)
   if record["status"] != "SUCCEEDED":
     step = record.get("failed_step")
@@ -74,8 +74,8 @@ def _run_and_report(name: str, params: dict, home: str | None, parent: str | Non
 
 
 def _submit(args) -> int:
-  from pipelines.local_run import runs_home
-  from pipelines.submit import submit
+  from runner.local_run import runs_home
+  from runner.submit import submit
   pipeline = registry.get_pipeline(args.pipeline, args.target)
   params = registry.parse_parameters(pipeline, args.set)
   record = submit(args.pipeline, args.target, params, args.home or runs_home(), project=args.project,
@@ -86,8 +86,8 @@ def _submit(args) -> int:
 
 
 def _ui(args) -> int:
-  from pipelines.local_run import runs_home
-  from pipelines.ui import serve
+  from runner.local_run import runs_home
+  from runner.ui import serve
   serve(args.home or runs_home(), args.host, args.port)
   return 0
 

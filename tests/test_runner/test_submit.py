@@ -8,9 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipelines import history
-from pipelines.cli import main
-from pipelines.submit import build_vertex_job, check_bucket
+from runner import history
+from runner.cli import main
+from runner.submit import build_vertex_job, check_bucket
 from schemas.errors import ContractError
 
 

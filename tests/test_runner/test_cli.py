@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from pipelines import registry
-from pipelines.cli import main
-from pipelines.local_run import check_outputs, dag_tasks, last_error_line
+from runner.cli import main
+from runner.local_run import check_outputs, dag_tasks, last_error_line
 from schemas.errors import ContractError
 
 SMOKE_TASKS = {"make-synthetic-data", "build-shards", "train", "evaluate", "calibrate", "report"}
@@ -160,3 +160,53 @@ def test_the_study_compiles_for_a_target(tmp_path):
   tasks = yaml.safe_load(cpu.read_text())["root"]["dag"]["tasks"]
   args = json.loads(tasks["build-shards"]["inputs"]["parameters"]["beam_args"]["runtimeValue"]["constant"])
   assert args[:2] == ["--runner", "DataflowRunner"]
+
+
+def test_a_vertex_smoke_run_trains_any_config_with_any_override(tmp_path):
+  out = tmp_path / "navit.yaml"
+  overrides = {"train.steps": 50, "model.depth": 3, "train.learning_rate": 5e-4}
+  assert main(["compile", "smoke", "--target", "vertex-gpu", "--output", str(out), "--set", "config=navit_s16",
+               "--set", f"overrides={json.dumps(overrides)}"]) == 0
+  spec = yaml.safe_load(out.read_text())
+  inputs = spec["root"]["inputDefinitions"]["parameters"]
+  assert inputs["config"]["defaultValue"] == "navit_s16"
+  train = spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+  assert train["config"] == {"componentInputParameter": "config"}
+  assert train["overrides"] == {"componentInputParameter": "overrides"}
+  # What the train step builds from the compiled values: KFP's Struct turned every number into a float.
+  from trainers.configs import build_config
+  compiled = inputs["overrides"]["defaultValue"]
+  assert compiled["train.steps"] == 50.0
+  shortcuts = {name: inputs[name]["defaultValue"] for name in ("steps", "batch_size", "learning_rate", "width", "depth")}
+  config = build_config(inputs["config"]["defaultValue"], {"seed": 0, **compiled}, **shortcuts)
+  assert config["train"]["steps"] == 50 and isinstance(config["train"]["steps"], int)
+  assert config["model"]["depth"] == 3 and config["model"]["width"] == 384  # navit_s16's width, not smoke's
+  assert config["train"]["learning_rate"] == 5e-4
+
+
+def test_shortcuts_then_overrides_build_the_trained_config():
+  from trainers.configs import build_config, load_config
+  assert build_config("smoke", {}, steps=0, width=0) == load_config("smoke")  # 0 keeps the config's value
+  config = build_config("smoke", {"train.steps": 9}, steps=5, width=32)
+  assert config["train"]["steps"] == 9 and config["model"]["width"] == 32  # overrides win over shortcuts
+  with pytest.raises(ContractError, match="config override 'train.stepz': unknown key 'stepz'"):
+    build_config("smoke", {"train.stepz": 1})
+  with pytest.raises(ContractError, match="overrides: expected a JSON object"):
+    build_config("smoke", ["train.steps"])
+
+
+def test_dotted_set_keys_are_config_overrides():
+  smoke = registry.get_pipeline("smoke")
+  params = registry.parse_parameters(smoke, ['overrides={"model.depth": 1}', "train.steps=5", "config=navit_s16"])
+  assert params == {"overrides": {"model.depth": 1, "train.steps": "5"}, "config": "navit_s16"}
+  with pytest.raises(ContractError, match="parameter 'overrides': expected a JSON dict"):
+    registry.parse_parameters(smoke, ["overrides=train.steps:5"])
+
+
+def test_the_rerun_form_sends_lists_and_dicts_back_as_json():
+  from runner.ui import _form_value
+  study = registry.get_pipeline("calibration_study")
+  models = [{"name": "S", "width": 8, "depth": 1, "methods": [{"method": "deterministic", "temperature_scaling": True}]}]
+  sent = {"models": _form_value(models), "overrides": _form_value({"train.steps": 5}), "steps": _form_value(7)}
+  assert registry.parse_parameters(study, [f"{k}={v}" for k, v in sent.items()]) == {
+      "models": models, "overrides": {"train.steps": 5}, "steps": 7}

@@ -18,7 +18,9 @@ import sys
 import time
 from typing import Callable
 
-from pipelines import history, registry
+from components.step_cache import CACHE_DIR_ENV
+from pipelines import registry
+from runner import history
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
@@ -148,10 +150,10 @@ def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callabl
   log_path = os.path.join(run_dir, "kfp.log")
   echo(f"run {run_id}: pipeline {name}, log {log_path}")
   env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-         "PATCHFLOW_CACHE": os.path.join(home, ".cache") if use_cache else ""}
+         CACHE_DIR_ENV: os.path.join(home, ".cache") if use_cache else ""}
   start, step_start, statuses = time.time(), {}, {}
   with open(log_path, "w", encoding="utf-8") as log:
-    child = subprocess.Popen([sys.executable, "-m", "pipelines.local_run", run_dir], stdout=log,
+    child = subprocess.Popen([sys.executable, "-m", "runner.local_run", run_dir], stdout=log,
                              stderr=subprocess.STDOUT, env=env)
   with open(log_path, encoding="utf-8", errors="replace") as follow:
     while True:

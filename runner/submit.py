@@ -5,8 +5,9 @@ import os
 import tempfile
 import time
 
-from pipelines import history, registry
-from pipelines.local_run import new_run_id
+from pipelines import registry
+from runner import history
+from runner.local_run import new_run_id
 from schemas.errors import ContractError
 from schemas.lineage import git_revision
 

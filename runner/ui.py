@@ -14,8 +14,9 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from pipelines import history, registry
-from pipelines.local_run import new_run_id, run_pipeline, step_log
+from pipelines import registry
+from runner import history
+from runner.local_run import new_run_id, run_pipeline, step_log
 from schemas.errors import ContractError
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse}
@@ -168,8 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
       with open(log_path, encoding="utf-8", errors="replace") as f:
         log_tail = "".join(re.sub(r"\x1b\[[0-9;]*m", "", line) for line in f.readlines()[-60:])
     params = run["params"]
-    form = "".join(f"<label>{html.escape(k)} <input name='{html.escape(k)}' value='{html.escape(str(v))}'></label><br>"
-                   for k, v in sorted(params.items()))
+    form = "".join(f"<label>{html.escape(k)} <input name='{html.escape(k)}' value='{html.escape(_form_value(v))}'>"
+                   "</label><br>" for k, v in sorted(params.items()))
     body = (f"<p><a href='/'>&larr; all runs</a></p><h1>{html.escape(run['id'])}</h1>"
             f"<p>pipeline <b>{html.escape(run['pipeline'])}</b>, status <b class='{run['status']}' id='status'>"
             f"{run['status']}</b>, duration {_duration(run)}"
@@ -182,6 +183,11 @@ class _Handler(BaseHTTPRequestHandler):
             f"<button type='submit'>Rerun with these parameters</button></form>"
             f"<h2>Artifacts</h2><ul>{''.join(artifacts)}</ul><h2>Logs</h2><p>per step: {logs}</p><h3>last lines</h3><pre>{html.escape(log_tail)}</pre>")
     return _page(run["id"], body, refresh=run["status"] == "RUNNING")
+
+
+def _form_value(value) -> str:
+  """A parameter as the rerun form shows it and sends it back: lists and dicts (models, overrides) as JSON."""
+  return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 def start_rerun(home: str, run_id: str, overrides: dict) -> str:
