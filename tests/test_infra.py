@@ -16,7 +16,7 @@ def _dockerfile():
 def test_dockerfile_copies_every_package_and_installs_from_the_lock():
   text = _dockerfile()
   copied = set(re.findall(r"^COPY (\S+) \S+$", text, flags=re.M))
-  for package in ("schemas", "beam_jobs", "trainers", "evaluators", "components", "pipelines", "infra"):
+  for package in ("schemas", "beam_jobs", "trainers", "evaluators", "components", "pipelines", "runner", "infra"):
     assert package in copied
   assert "uv sync --frozen --no-dev" in text and '--extra "$JAX_VARIANT"' in text
 
