@@ -1,11 +1,19 @@
 """NaViT-S/16 (width 384, depth 12, 6 heads, MLP 1536) with the ViT-22B block recipe, on packed shards.
 
-  patchflow train --config navit_s16 --data gs://BUCKET/shards --workdir gs://BUCKET/navit_s16 \\
+  patchflow train --config navit_s16 --data gs://BUCKET/shards --workdir /tmp/navit_s16 \\
       --set mesh.data=8 --set mesh.model=1
 
 Shapes (sequence length, patch size, images per sequence, classes) come from the shards' dataset_info.json.
-Expected: on ImageNet-scale packed shards (L=256, patch 16, 90k steps at batch 1024) top-1 in the mid 70s,
-as the NaViT paper's S/16 runs; on the synthetic smoke source it reaches >= 0.95 val accuracy in 2k steps.
+
+Not run here: these settings (90k steps at batch 1024) on ImageNet-scale packed shards (L=256, patch 16). The
+expectation for them, top-1 in the mid 70s, is quoted from the NaViT paper's S/16 runs, not measured.
+
+Measured here (2026-12-04, 2-core CPU, no accelerator): a short run on the synthetic source,
+  patchflow shards build --manifest synthetic:seed=0 --output /tmp/x
+  patchflow train --data /tmp/x --workdir /tmp/w --config navit_s16 --set train.steps=100 \\
+      --set train.batch_size=4 --set train.warmup_steps=10 --set train.log_every=10 \\
+      --set train.checkpoint_every=100
+reaches validation accuracy 0.793 (chance 1/6) in 2 min 48 s.
 """
 
 from trainers.configs import smoke
