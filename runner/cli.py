@@ -5,6 +5,7 @@
   patchflow shards build --manifest M --output DIR [--seq-len 256 ...] [--workers 2] [-- <Beam pipeline options>]
   patchflow train --data SHARDS --workdir DIR [--config smoke] [--set train.steps=100 ...]
   patchflow calibrate --predictions PATH.parquet --output DIR   # calibration.json, reliability plots, HTML
+  patchflow localisation-metrics --detections D.jsonl --ground-truth G.jsonl --output DIR   # frame/video mAP
 """
 
 import argparse
@@ -124,6 +125,14 @@ def _calibrate(args) -> int:
   return 0
 
 
+def _localisation_metrics(args) -> int:
+  from evaluators.localisation import localisation_metrics
+  localisation_metrics(args.detections, args.ground_truth, args.output,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+  print(f"wrote {args.output}/metrics.json")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="patchflow", description="Multimodal pipelines: data -> checkpoint -> report.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--predictions", required=True, help="predictions Parquet file (local path or gs://...)")
   p.add_argument("--output", required=True, help="directory for calibration.json, plots and calibration.html")
   p.set_defaults(func=_calibrate)
+  p = sub.add_parser("localisation-metrics", help="frame-mAP and video-mAP of action tubes (STAR)")
+  p.add_argument("--detections", required=True, help="detected tubes, JSONL: video, label, boxes, score")
+  p.add_argument("--ground-truth", required=True, help="ground-truth tubes, JSONL: video, label, boxes")
+  p.add_argument("--output", required=True, help="directory for metrics.json and lineage.json")
+  p.set_defaults(func=_localisation_metrics)
   return parser
 
 
