@@ -45,12 +45,13 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 from PIL import UnidentifiedImageError
 
-from beam_jobs import image_ops, packing, shard_file, tfrecord
+from beam_jobs import image_ops, packing, shard_file
 from beam_jobs import video as video_lib
 from beam_jobs import text as text_lib
 from beam_jobs.navit import ResolutionSampling, TokenDrop
 from beam_jobs.sources import SourceExample, error_row, resolve_source
 from schemas import dataset_info as info_lib
+from schemas import tfrecord
 from schemas.errors import ContractError
 from schemas.lineage import LINEAGE_FILENAME, fingerprint_path, git_revision
 from schemas.packed import FINGERPRINT, SCHEMA_VERSION, PackedSpec

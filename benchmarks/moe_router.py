@@ -120,7 +120,7 @@ def main(argv=None):
   parser.add_argument("--data", help="existing shard directory (skips building the synthetic data)")
   args = parser.parse_args(argv)
   from schemas.dataset_info import read_dataset_info
-  from trainers.input_pipeline import load_split
+  from schemas.shards import load_split
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
     data = args.data or make_data(tmp, args.seed)

@@ -115,7 +115,7 @@ def tfds_dir(tmp_path_factory):
 
 
 def test_tfds_dataset_gives_manifest_records_with_inline_images(tfds_dir):
-  from beam_jobs import tfrecord
+  from schemas import tfrecord
   from beam_jobs.image_ops import decode_rgb
   plan = plan_tfds("tfds:tiny_patchflow_shapes", tfds_dir)
   assert plan.class_names == ("red", "green", "blue") and plan.image_key == "image"

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_jobs import tfrecord
 from beam_jobs.build_shards import assemble_sequence, encode_sequence, sequence_fields, sequence_pieces
+from schemas import tfrecord
 from schemas.packed import PackedSpec
 
 
@@ -94,3 +94,11 @@ def test_decoder_reads_examples_written_by_tensorflow():
   }))
   decoded = tfrecord.decode_example(example.SerializeToString())
   assert decoded == {"image": ("bytes", [b"\x89PNG"]), "label": ("int64", [3, -2]), "score": ("float", [0.5, 2.0])}
+
+
+@pytest.mark.parametrize("tail, where", [(b"\x10\x00\x00", "byte 0"), (b"\x10" + b"\x00" * 11 + b"abcdxx", "byte 0")])
+def test_truncated_tfrecord_names_the_file_and_byte(tmp_path, tail, where):
+  path = tmp_path / "x.tfrecord"
+  path.write_bytes(tail)
+  with pytest.raises(ValueError, match=f"x.tfrecord: truncated TFRecord at {where}"):
+    tfrecord.record_extents(str(path))
