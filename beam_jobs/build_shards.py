@@ -20,7 +20,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import gc
 import hashlib
 import itertools
@@ -48,7 +47,7 @@ from PIL import UnidentifiedImageError
 from beam_jobs import image_ops, packing, shard_file
 from beam_jobs import video as video_lib
 from beam_jobs import text as text_lib
-from beam_jobs.navit import ResolutionSampling, TokenDrop
+from beam_jobs.options import ShardOptions
 from beam_jobs.sources import SourceExample, error_row, resolve_source
 from schemas import dataset_info as info_lib
 from schemas import tfrecord
@@ -62,60 +61,6 @@ PLAN_BATCH = 1024  # plans per element after planning
 ERROR_REASONS = ("not_json", "invalid_record", "no_image", "duplicate_id", "missing_file", "unreadable_file",
                  "empty_file", "not_an_image", "truncated_image", "undecodable_image", "unsupported_video",
                  "undecodable_video", "too_many_frames")
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardOptions:
-  """Everything that decides the bytes of the shards (worker count and runner do not)."""
-  seq_len: int = 256
-  patch_size: int = 16
-  max_images: int = 16
-  max_patches_per_image: int | None = None  # per-image patch budget; None: seq_len
-  text_len: int = 0
-  num_shards: int = 2
-  max_error_fraction: float = 0.01
-  seed: int = 0
-  resolution_sampling: str = "none"
-  token_drop: str = "none"
-  video: bool = False
-  video_frames: int = 8  # frames sampled from a video file (evenly, by frame index; all when it has fewer)
-  window_size: int = 65536  # examples per packing window
-  tokenizer: str = ""  # SentencePiece model file for text_tokens; empty: byte-level
-
-  def __post_init__(self):
-    if self.max_patches_per_image is None:
-      object.__setattr__(self, "max_patches_per_image", self.seq_len)
-    for name in ("seq_len", "patch_size", "max_images", "max_patches_per_image", "num_shards", "window_size",
-                 "video_frames"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ContractError(f"shard options: {name!r} must be an int >= 1, got {getattr(self, name)!r}")
-    if self.max_patches_per_image > self.seq_len:
-      raise ContractError(f"shard options: 'max_patches_per_image' ({self.max_patches_per_image}) "
-                          f"must not exceed 'seq_len' ({self.seq_len})")
-    if self.text_len < 0:
-      raise ContractError(f"shard options: 'text_len' must be >= 0, got {self.text_len}")
-    if not 0 <= self.max_error_fraction <= 1:
-      raise ContractError(f"shard options: 'max_error_fraction' must be in [0, 1], got {self.max_error_fraction}")
-    sampling = ResolutionSampling.parse(self.resolution_sampling)
-    if sampling.high > self.max_patches_per_image:
-      raise ContractError(f"--resolution-sampling {self.resolution_sampling!r}: HI ({sampling.high}) must not "
-                          f"exceed 'max_patches_per_image' ({self.max_patches_per_image})")
-    TokenDrop.parse(self.token_drop)
-
-  @functools.cached_property
-  def sampling(self) -> ResolutionSampling:
-    return ResolutionSampling.parse(self.resolution_sampling)
-
-  @functools.cached_property
-  def dropping(self) -> TokenDrop:
-    return TokenDrop.parse(self.token_drop)
-
-  @property
-  def spec(self) -> PackedSpec:
-    return PackedSpec(self.seq_len, self.patch_size, self.max_images, self.text_len, self.video)
-
-  def to_json(self) -> dict[str, Any]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 class ExampleError(Exception):

@@ -54,7 +54,8 @@ class MoEClassifier(nnx.Module):
 
 
 def make_data(workdir: str, seed: int) -> str:
-  from beam_jobs.build_shards import ShardOptions, build_shards
+  from beam_jobs.build_shards import build_shards
+  from beam_jobs.options import ShardOptions
   from beam_jobs.synthetic import generate_synthetic
   manifest = generate_synthetic(os.path.join(workdir, "synthetic"), seed=seed,
                                 splits={"train": 600, "test": 200}, noise_levels=())

@@ -135,7 +135,8 @@ def main():
 
 def shard_read_seconds_per_batch() -> tuple[float, int]:
   """Median time to read one batch of ROWS random sequences with the trainer's own reader."""
-  from beam_jobs.build_shards import ShardOptions, build_shards
+  from beam_jobs.build_shards import build_shards
+  from beam_jobs.options import ShardOptions
   from beam_jobs.synthetic import generate_synthetic
   from schemas.shards import PackedRecords
   with tempfile.TemporaryDirectory() as tmp:

@@ -143,7 +143,8 @@ def test_tfds_not_prepared_is_a_clear_error(tmp_path):
 def test_a_tfds_dataset_builds_shards_like_a_manifest(tfds_dir, tmp_path):
   import tensorflow as tf
   from beam_jobs import image_ops
-  from beam_jobs.build_shards import ShardOptions, build_shards
+  from beam_jobs.build_shards import build_shards
+  from beam_jobs.options import ShardOptions
   from schemas.dataset_info import packed_spec
   options = ShardOptions(seq_len=32, patch_size=8, max_images=4, max_patches_per_image=16, num_shards=1,
                          text_len=16)
