@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_jobs.build_shards import assemble_sequence, encode_sequence, sequence_fields, sequence_pieces
 from schemas import tfrecord
 from schemas.packed import PackedSpec
 
@@ -49,19 +48,6 @@ def test_encoder_gives_tensorflows_deterministic_bytes(spec):
     decoded = tfrecord.decode_example(ours)
     assert decoded["labels"] == ("int64", ex["labels"].tolist())
     assert decoded["example_ids"] == ("bytes", list(ex["example_ids"]))
-
-
-def test_patches_as_chunks_encode_like_one_array():
-  spec = PackedSpec(16, 2, 4)
-  examples = [{"id": f"e{i}", "label": i, "patches": np.full((n, 12), i + 1, np.uint8),
-               "yx": np.zeros((n, 2), np.int32), "t": np.zeros(n, np.int32), "grid": (1, n), "text_tokens": None,
-               "boxes": np.zeros((0, 4), np.float32)} for i, n in enumerate([5, 3, 6])]
-  fields, chunks, _ = sequence_fields(examples, spec)
-  full, _ = assemble_sequence(examples, spec)
-  assert encode_sequence(fields, chunks, spec) == spec.to_tf_example_bytes(full)
-  pieces, size = sequence_pieces(fields, chunks, spec)
-  assert size == sum(len(p) for p in pieces) == len(spec.to_tf_example_bytes(full))
-  assert (full["patches"][14:] == 0).all() and (full["patches"][8:14] == 3).all()
 
 
 def test_tfrecord_frames_are_read_by_tensorflow_and_by_us(tmp_path):
