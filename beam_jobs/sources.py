@@ -18,7 +18,8 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs import synthetic, tfrecord
+from beam_jobs import synthetic
+from schemas import tfrecord
 from schemas.errors import ContractError
 from schemas.manifest import ManifestRecord, parse_manifest_line
 

@@ -54,7 +54,8 @@ class MoEClassifier(nnx.Module):
 
 
 def make_data(workdir: str, seed: int) -> str:
-  from beam_jobs.build_shards import ShardOptions, build_shards
+  from beam_jobs.build_shards import build_shards
+  from beam_jobs.options import ShardOptions
   from beam_jobs.synthetic import generate_synthetic
   manifest = generate_synthetic(os.path.join(workdir, "synthetic"), seed=seed,
                                 splits={"train": 600, "test": 200}, noise_levels=())
@@ -120,7 +121,7 @@ def main(argv=None):
   parser.add_argument("--data", help="existing shard directory (skips building the synthetic data)")
   args = parser.parse_args(argv)
   from schemas.dataset_info import read_dataset_info
-  from trainers.input_pipeline import load_split
+  from schemas.shards import load_split
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
     data = args.data or make_data(tmp, args.seed)

@@ -102,7 +102,8 @@ def main(argv=None) -> int:
                       help="job runs as WORKERS[:threads|processes]")
   parser.add_argument("--reps", type=int, default=3, help="rounds; each round runs the floor and every job once")
   args = parser.parse_args(argv)
-  from beam_jobs.build_shards import ShardOptions, build_shards
+  from beam_jobs.build_shards import build_shards
+  from beam_jobs.options import ShardOptions
   options = ShardOptions(seq_len=1024, patch_size=16, max_images=16, max_patches_per_image=256, num_shards=8)
   names = ["PIL decode loop (floor)"]
   cores = {names[0]: 1}

@@ -23,7 +23,7 @@ from beam_jobs.image_ops import fit_patch_grid  # noqa: E402
 from beam_jobs.packing import pack_first_fit_decreasing  # noqa: E402
 from trainers import sharding  # noqa: E402
 from trainers.configs import apply_overrides, load_config  # noqa: E402
-from trainers.input_pipeline import batch_indices  # noqa: E402
+from trainers.input_pipeline import MODEL_INPUTS, batch_indices  # noqa: E402
 from trainers.model import build_model  # noqa: E402
 from trainers.train import make_optimizer, model_flops_per_sequence, train_step  # noqa: E402
 
@@ -135,19 +135,20 @@ def main():
 
 def shard_read_seconds_per_batch() -> tuple[float, int]:
   """Median time to read one batch of ROWS random sequences with the trainer's own reader."""
-  from beam_jobs.build_shards import ShardOptions, build_shards
+  from beam_jobs.build_shards import build_shards
+  from beam_jobs.options import ShardOptions
   from beam_jobs.synthetic import generate_synthetic
-  from trainers.input_pipeline import PackedRecords
+  from schemas.shards import PackedRecords
   with tempfile.TemporaryDirectory() as tmp:
     manifest = generate_synthetic(os.path.join(tmp, "data"), splits={"train": 1500}, noise_levels=())
     build_shards(manifest, os.path.join(tmp, "shards"), ShardOptions(seq_len=SEQ_LEN, max_images=MAX_IMAGES,
                                                                      num_shards=4))
     records = PackedRecords(os.path.join(tmp, "shards"), "train")
-    records.read(batch_indices(len(records), ROWS, 0, 0))  # warm: TensorFlow's import and first parse
+    records.read(batch_indices(len(records), ROWS, 0, 0), MODEL_INPUTS)  # warm: TensorFlow's import and first parse
     times = []
     for step in range(1, 21):
       start = time.perf_counter()
-      records.read(batch_indices(len(records), ROWS, step, 0))
+      records.read(batch_indices(len(records), ROWS, step, 0), MODEL_INPUTS)
       times.append(time.perf_counter() - start)
     n = len(records)
     records.close()

@@ -4,7 +4,7 @@ import dataclasses
 
 from kfp.dsl import Dataset, Input, Output
 
-from beam_jobs.build_shards import ShardOptions
+from beam_jobs.options import ShardOptions
 from components.image import component
 
 # The shard options a pipeline exposes as parameters, with ShardOptions' defaults (declared there only).
@@ -34,7 +34,8 @@ def build_shards(data: Input[Dataset], seq_len: int, patch_size: int, max_images
             "max_patches_per_image": max_patches_per_image, "num_shards": num_shards}
 
   def work():
-    from beam_jobs.build_shards import ShardOptions, build_shards as build
+    from beam_jobs.build_shards import build_shards as build
+    from beam_jobs.options import ShardOptions
     # beam_args (a JSON list, from the runtime target) can send the job to Dataflow instead of in-process.
     return build(os.path.join(data.path, "manifest.jsonl"), shards.path, ShardOptions(**params),
                  beam_args=json.loads(beam_args))

@@ -11,6 +11,7 @@ from evaluators.metrics import classification_metrics
 from schemas import dataset_info as info_lib
 from schemas.lineage import write_lineage
 from schemas.predictions import predictions_table
+from schemas.shards import load_split
 
 SHIFT_PREFIX = "test-"  # split "test-noise2" is the test split under shift "noise2".
 
@@ -38,7 +39,6 @@ def slot_rows(data: dict, scores: np.ndarray, info: dict) -> dict:
 
 
 def predict_split(model, shard_dir: str, split: str, info: dict, batch_size: int = 32) -> dict:
-  from trainers.input_pipeline import load_split
   data = load_split(shard_dir, split, info, fields=PREDICT_FIELDS)
   return slot_rows(data, slot_logits(model, data, batch_size), info)
 

@@ -100,7 +100,7 @@ def summary_row(variant: dict, method: str, calibration: dict, params: int, ms_p
 def evaluate_variant(shard_dir: str, checkpoints_dir: str, output_dir: str, log=print) -> list[dict]:
   """Writes <method>/predictions.parquet + calibration outputs and summary.json (the leaderboard rows)."""
   from schemas import dataset_info as info_lib
-  from trainers.input_pipeline import load_split
+  from schemas.shards import load_split
   from trainers.train import load_trained_model
   from trainers.variants import VARIANT_FILENAME
   with open(os.path.join(checkpoints_dir, VARIANT_FILENAME), encoding="utf-8") as f:

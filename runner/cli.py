@@ -11,6 +11,7 @@
 import argparse
 import sys
 
+from beam_jobs.options import add_shard_arguments, shard_options_from_args
 from pipelines import registry
 from schemas.errors import ContractError
 
@@ -94,15 +95,10 @@ def _ui(args) -> int:
 
 
 def _shards_build(args) -> int:
-  from beam_jobs.build_shards import ShardOptions, build_shards
+  from beam_jobs.build_shards import build_shards
   if args.workers is not None and args.workers < 1:
     raise ContractError(f"--workers must be >= 1, got {args.workers}")
-  options = ShardOptions(seq_len=args.seq_len, patch_size=args.patch_size, max_images=args.max_images,
-                         max_patches_per_image=args.max_patches_per_image, text_len=args.text_len,
-                         tokenizer=args.tokenizer,
-                         num_shards=args.num_shards, max_error_fraction=args.max_error_fraction, seed=args.seed,
-                         resolution_sampling=args.resolution_sampling, token_drop=args.token_drop,
-                         video=args.video, video_frames=args.video_frames, window_size=args.window_size)
+  options = shard_options_from_args(args)
   info = build_shards(args.manifest, args.output, options, beam_args=args.beam_args, workers=args.workers,
                       tfds_data_dir=args.tfds_data_dir)
   print(f"wrote {info['num_sequences']} sequences ({info['num_examples']} images, {info['num_errors']} errors, "
@@ -182,28 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--manifest", required=True,
                  help="manifest JSONL (local path or gs://), synthetic[:seed=S,train=N,...] or tfds:NAME[/CONFIG][:VERSION]")
   p.add_argument("--output", required=True, help="shard directory (local path or gs://)")
-  p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence (L)")
-  p.add_argument("--patch-size", type=int, default=16, help="patch side in pixels (P)")
-  p.add_argument("--max-images", type=int, default=16, help="images per packed sequence at most (M)")
-  p.add_argument("--max-patches-per-image", type=int, default=None, help="per-image patch budget (default: L)")
-  p.add_argument("--num-shards", type=int, default=2, help="shards per split (fewer for a tiny split)")
+  add_shard_arguments(p)
   p.add_argument("--workers", type=int, default=None,
                  help="local Beam workers (threads of the in-process runner; default 1)")
-  p.add_argument("--seed", type=int, default=0, help="seed of resolution sampling and token dropping")
-  p.add_argument("--resolution-sampling", default="none", metavar="SPEC",
-                 help="none | uniform:LO:HI | loguniform:LO:HI (patch budget per example)")
-  p.add_argument("--token-drop", default="none", metavar="SPEC",
-                 help="none | fixed:RATE | beta:A:B | resolution:LO:HI")
-  p.add_argument("--text-len", type=int, default=0, help="caption tokens per sequence (byte-level unless --tokenizer; 0: no text)")
-  p.add_argument("--tokenizer", default="", metavar="MODEL",
-                 help="SentencePiece model file for text tokens (default: byte-level)")
-  p.add_argument("--video", action="store_true",
-                 help="pack video records (lists of frame images or video files): adds patch_t, boxes")
-  p.add_argument("--video-frames", type=int, default=8,
-                 help="frames sampled from a video file, evenly by frame index (all when it has fewer)")
-  p.add_argument("--window-size", type=int, default=65536, help="examples per packing window")
-  p.add_argument("--max-error-fraction", type=float, default=0.01,
-                 help="fail (after writing errors.jsonl) when more than this fraction of records is bad")
   p.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir for a tfds: source")
   p.set_defaults(func=_shards_build)
   p = sub.add_parser("train", help="train a model on packed shards")

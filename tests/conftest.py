@@ -19,7 +19,8 @@ def synthetic_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shard_dir(synthetic_dir, tmp_path_factory):
-  from beam_jobs.build_shards import ShardOptions, build_shards
+  from beam_jobs.build_shards import build_shards
+  from beam_jobs.options import ShardOptions
   out = tmp_path_factory.mktemp("shards")
   build_shards(str(synthetic_dir / "manifest.jsonl"), str(out),
                ShardOptions(seq_len=128, patch_size=16, max_images=8, max_patches_per_image=32, num_shards=2))

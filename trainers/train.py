@@ -23,9 +23,10 @@ from schemas import dataset_info as info_lib
 from schemas import storage
 from schemas.lineage import write_lineage
 from schemas.errors import ContractError
+from schemas.shards import PackedRecords, load_split
 from trainers import checkpointing, sharding
 from trainers.configs import apply_overrides, load_config
-from trainers.input_pipeline import MODEL_INPUTS, PackedRecords, batch_indices, load_split, prefetched
+from trainers.input_pipeline import MODEL_INPUTS, batch_indices, prefetched
 from trainers.model import build_model
 
 
@@ -141,7 +142,7 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
     raise ContractError(f"train.batch_size ({tc['batch_size']}) must be divisible by mesh.data "
                         f"({config['mesh']['data']})")
   train_records = PackedRecords(data_dir, "train", info)  # read batch by batch; the split is never loaded
-  val_data = load_split(data_dir, "val", info) if "val" in info["splits"] else None
+  val_data = load_split(data_dir, "val", info, MODEL_INPUTS) if "val" in info["splits"] else None
   model = build_model(config["model"], info, config["seed"])
   optimizer, schedule = make_optimizer(model, tc)
   sharding.shard_nodes(mesh, model, optimizer)
@@ -161,7 +162,7 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
   window_start, window_images, window_steps = time.perf_counter(), 0, 0
   loss = float("nan")
   read_step = lambda step: train_records.read(
-      batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"]))
+      batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"]), MODEL_INPUTS)
   try:
     for step, host_batch in prefetched(read_step, range(start + 1, tc["steps"] + 1)):
       batch = sharding.shard_batch(mesh, host_batch)

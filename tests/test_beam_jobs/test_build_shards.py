@@ -3,61 +3,18 @@ import io
 import json
 import os
 
-import apache_beam as beam
 import numpy as np
 import pytest
 import tensorflow as tf
-from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import assert_that
 from PIL import Image
 
 from beam_jobs import image_ops
-from beam_jobs.build_shards import (PackWindow, Planned, ShardOptions, build_shards, from_blob, pack_tail,
-                                    pipeline_runner, split_stats, to_blob, window_batches)
-from beam_jobs.sources import SourceExample
+from beam_jobs.build_shards import build_shards, pipeline_runner
+from beam_jobs.options import ShardOptions
 from schemas.dataset_info import packed_spec, read_dataset_info
 from schemas.errors import ContractError
-from schemas.manifest import ManifestRecord
 
 OPTIONS = ShardOptions(seq_len=128, patch_size=16, max_images=8, max_patches_per_image=32, num_shards=2)
-
-
-def _planned(rid, tokens, split="train"):
-  record = ManifestRecord(id=rid, label=0, image=f"{rid}.png", split=split, line=int(rid[1:]) + 1)
-  return Planned(SourceExample(record, (f"/x/{rid}.png",)), 1, tokens, 1, tokens)
-
-
-def test_windows_and_tail_pool_assign_every_example_once_within_both_limits():
-  rng = np.random.default_rng(0)
-  planned = [_planned(f"e{i}", int(t)) for i, t in enumerate(rng.integers(1, 100, 300))]
-  options = ShardOptions(seq_len=128, max_images=4, num_shards=3, window_size=50)
-  stats = split_stats(planned)
-  sizes = {p.id: p.tokens for p in planned}
-
-  def check(assigned):
-    bins = {}
-    for (split, shard, n), batch in assigned:
-      assert split == "train" and n == 3 and 0 <= shard < 3
-      for h, slot, p in from_blob(batch):
-        bins.setdefault((shard, h), []).append((slot, p.id))
-    ids = [rid for members in bins.values() for _, rid in members]
-    assert sorted(ids) == sorted(sizes)
-    for members in bins.values():
-      assert sorted(s for s, _ in members) == list(range(len(members)))
-      assert len(members) <= 4 and sum(sizes[rid] for _, rid in members) <= 128
-    assert len({shard for shard, _ in bins}) == 3
-
-  with TestPipeline(runner="FnApiRunner") as p:
-    stats_side = beam.pvalue.AsDict(p | "Stats" >> beam.Create(list(stats.items())))
-    blobs = [to_blob(planned[i:i + 37]) for i in range(0, len(planned), 37)]  # as PlanExamples emits them
-    windows = (p | beam.Create(blobs)
-               | beam.FlatMap(window_batches, stats_side, options)  # 300 examples in windows of 50
-               | beam.GroupByKey()
-               | beam.ParDo(PackWindow(options), stats_side).with_outputs("tail", "errors", "labels",
-                                                                          main="assigned"))
-    tail = windows.tail | "GroupTail" >> beam.GroupByKey() | beam.FlatMap(pack_tail, stats_side, options)
-    assert_that((windows.assigned, tail) | beam.Flatten() | beam.combiners.ToList(),
-                lambda lists: check(lists[0]))
 
 
 def _read_shards(shard_dir):
@@ -453,18 +410,6 @@ def test_the_runner_is_the_in_process_one_unless_beam_args_name_another():
   assert options.get_all_options()["direct_running_mode"] == "multi_processing"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_patches_per_image": 999}, "'max_patches_per_image' (999) must not exceed 'seq_len' (256)"),
-    ({"num_shards": 0}, "'num_shards' must be an int >= 1"),
-    ({"token_drop": "half"}, "--token-drop 'half'"),
-    ({"resolution_sampling": "uniform:1:999"}, "HI (999) must not exceed 'max_patches_per_image' (256)"),
-])
-def test_bad_options_are_one_line_contract_errors(kwargs, message):
-  with pytest.raises(ContractError) as e:
-    ShardOptions(**kwargs)
-  assert message in str(e.value) and "\n" not in str(e.value)
-
-
 def test_inputs_and_outputs_go_through_beam_filesystems_only(synthetic_dir, shard_dir):
   """The whole job on `memfs://` (a GCS-like in-memory FileSystem): manifest, classes.json, images, shards,
   dataset_info.json, errors.jsonl and lineage.json are all read and written through FileSystems."""
@@ -483,20 +428,6 @@ def test_inputs_and_outputs_go_through_beam_filesystems_only(synthetic_dir, shar
   assert not [p for p in memfs.OBJECTS if ".tmp-" in p]
 
 
-def test_remote_reads_run_ahead_in_order_and_keep_their_errors():
-  from beam_jobs.build_shards import read_ahead
-  from tests.test_beam_jobs import memfs
-  planned = []
-  for i in range(100):
-    record = ManifestRecord(id=f"r{i}", label=0, image=f"r{i}.png", line=i + 1)
-    planned.append(Planned(SourceExample(record, (f"memfs://ahead/r{i}.png",)), 1, 1, 1, 1))
-    if i % 7:
-      memfs.OBJECTS[f"memfs://ahead/r{i}.png"] = f"bytes {i}".encode()
-  results = list(read_ahead(planned, threads=4))
-  assert [r[0] for r in results if r[0]] == [[f"bytes {i}".encode()] for i in range(100) if i % 7]
-  assert [(i, r[1].reason) for i, r in enumerate(results) if r[1]] == [(i, "missing_file") for i in range(0, 100, 7)]
-
-
 def test_without_classes_json_the_class_count_is_the_largest_label_over_all_windows_plus_one(tmp_path, synthetic_dir):
   records = [json.loads(l) for l in (synthetic_dir / "manifest.jsonl").read_text().splitlines()[:12]]
   for i, rec in enumerate(records):
@@ -510,66 +441,3 @@ def test_without_classes_json_the_class_count_is_the_largest_label_over_all_wind
   records[7]["label"] = 2
   manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
   assert build_shards(str(manifest), str(tmp_path / "out2"), options)["num_classes"] == 3
-
-
-def test_gc_pause_overlapping_in_threads_restores_the_collector_once_the_last_leaves():
-  """A enters, B enters, A leaves, B leaves. A plain save-disable-restore per call turns the collector back on
-  while B is still inside here (and, in a tighter race, left it off for good: B saved "off" while A paused it)."""
-  import gc
-  import threading
-  from beam_jobs.build_shards import gc_paused
-  a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
-  seen = {}
-
-  def a():
-    with gc_paused():
-      a_in.set()
-      b_in.wait(5)
-    a_out.set()
-
-  def b():
-    a_in.wait(5)
-    with gc_paused():
-      b_in.set()
-      a_out.wait(5)
-      seen["inside_b_after_a_left"] = gc.isenabled()
-
-  assert gc.isenabled()
-  threads = [threading.Thread(target=a), threading.Thread(target=b)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join(10)
-  assert seen == {"inside_b_after_a_left": False} and gc.isenabled()
-  gc.disable()  # a caller's own choice survives a pause
-  try:
-    with gc_paused():
-      pass
-    assert not gc.isenabled()
-  finally:
-    gc.enable()
-
-
-def test_a_worker_out_of_memory_fails_the_bundle_instead_of_quarantining_the_image(tmp_path, monkeypatch):
-  """A decode error is the file's fault and becomes an error row; running out of memory is the worker's, so it
-  must reach Beam (which retries the bundle elsewhere) rather than mark a good image as bad for ever."""
-  from beam_jobs import build_shards as bs
-  path = tmp_path / "a.png"
-  Image.new("RGB", (40, 24), (1, 2, 3)).save(path)
-  options = ShardOptions(seq_len=64, patch_size=16, max_images=4)
-  planned = bs.plan_example(SourceExample(ManifestRecord(id="a", label=0, image=str(path), line=1), (str(path),)),
-                            options)
-  assert bs.render_example(planned, options)["grid"] == (2, 2)  # 40x24 rounds to 2x2 patches: a resize
-
-  for raised, expected in ((MemoryError(), MemoryError), (OSError("broken data stream"), bs.ExampleError)):
-    def decode_fails(*args, raised=raised, **kwargs):
-      raise raised
-
-    monkeypatch.setattr(bs.image_ops, "decode_resized", decode_fails)
-    with pytest.raises(expected):
-      bs.render_example(planned, options)
-
-
-def test_the_disk_reserved_for_a_shard_covers_a_full_record():
-  from beam_jobs import build_shards as bs
-  assert bs.record_bytes_bound(OPTIONS.spec) >= OPTIONS.seq_len * OPTIONS.spec.patch_dim

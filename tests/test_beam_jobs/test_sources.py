@@ -115,7 +115,7 @@ def tfds_dir(tmp_path_factory):
 
 
 def test_tfds_dataset_gives_manifest_records_with_inline_images(tfds_dir):
-  from beam_jobs import tfrecord
+  from schemas import tfrecord
   from beam_jobs.image_ops import decode_rgb
   plan = plan_tfds("tfds:tiny_patchflow_shapes", tfds_dir)
   assert plan.class_names == ("red", "green", "blue") and plan.image_key == "image"
@@ -143,7 +143,8 @@ def test_tfds_not_prepared_is_a_clear_error(tmp_path):
 def test_a_tfds_dataset_builds_shards_like_a_manifest(tfds_dir, tmp_path):
   import tensorflow as tf
   from beam_jobs import image_ops
-  from beam_jobs.build_shards import ShardOptions, build_shards
+  from beam_jobs.build_shards import build_shards
+  from beam_jobs.options import ShardOptions
   from schemas.dataset_info import packed_spec
   options = ShardOptions(seq_len=32, patch_size=8, max_images=4, max_patches_per_image=16, num_shards=1,
                          text_len=16)

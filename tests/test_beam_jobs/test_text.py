@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 from beam_jobs import text
-from beam_jobs.build_shards import ShardOptions, build_shards
+from beam_jobs.build_shards import build_shards
+from beam_jobs.options import ShardOptions
 from runner.cli import main
 from schemas.dataset_info import packed_spec, read_dataset_info
 from schemas.errors import ContractError

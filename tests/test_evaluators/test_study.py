@@ -60,7 +60,7 @@ def test_each_method_is_trained_evaluated_and_reported(shard_dir, tmp_path):
   # The ensemble's probabilities are the mean of its members' softmax.
   from evaluators.predict import PREDICT_FIELDS, slot_logits
   from schemas.dataset_info import read_dataset_info
-  from trainers.input_pipeline import load_split
+  from schemas.shards import load_split
   from trainers.train import load_trained_model
   info = read_dataset_info(str(shard_dir))
   data = load_split(str(shard_dir), "val", info, fields=PREDICT_FIELDS)

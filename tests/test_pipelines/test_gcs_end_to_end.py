@@ -3,7 +3,8 @@ GCS IO, and the trainer reads them back from gs:// through google-cloud-storage.
 
 import json
 
-from beam_jobs.build_shards import ShardOptions, build_shards
+from beam_jobs.build_shards import build_shards
+from beam_jobs.options import ShardOptions
 from schemas.dataset_info import read_dataset_info
 from trainers.configs import apply_overrides, load_config
 from trainers.train import train

@@ -8,8 +8,9 @@ import pytest
 
 from schemas.dataset_info import read_dataset_info
 from schemas.errors import ContractError
+from schemas.shards import load_split
 from trainers.configs import apply_overrides, load_config
-from trainers.input_pipeline import MODEL_INPUTS, batch_indices, load_split
+from trainers.input_pipeline import MODEL_INPUTS, batch_indices
 from trainers.model import build_model
 from trainers.train import load_trained_model, make_optimizer, slot_loss_and_accuracy, train, train_step
 

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_jobs import tfrecord
-from beam_jobs.build_shards import assemble_sequence, encode_sequence, sequence_fields, sequence_pieces
+from schemas import tfrecord
 from schemas.packed import PackedSpec
 
 
@@ -51,19 +50,6 @@ def test_encoder_gives_tensorflows_deterministic_bytes(spec):
     assert decoded["example_ids"] == ("bytes", list(ex["example_ids"]))
 
 
-def test_patches_as_chunks_encode_like_one_array():
-  spec = PackedSpec(16, 2, 4)
-  examples = [{"id": f"e{i}", "label": i, "patches": np.full((n, 12), i + 1, np.uint8),
-               "yx": np.zeros((n, 2), np.int32), "t": np.zeros(n, np.int32), "grid": (1, n), "text_tokens": None,
-               "boxes": np.zeros((0, 4), np.float32)} for i, n in enumerate([5, 3, 6])]
-  fields, chunks, _ = sequence_fields(examples, spec)
-  full, _ = assemble_sequence(examples, spec)
-  assert encode_sequence(fields, chunks, spec) == spec.to_tf_example_bytes(full)
-  pieces, size = sequence_pieces(fields, chunks, spec)
-  assert size == sum(len(p) for p in pieces) == len(spec.to_tf_example_bytes(full))
-  assert (full["patches"][14:] == 0).all() and (full["patches"][8:14] == 3).all()
-
-
 def test_tfrecord_frames_are_read_by_tensorflow_and_by_us(tmp_path):
   records = [b"", b"abc", bytes(range(256)) * 1000]
   path = tmp_path / "x.tfrecord"
@@ -94,3 +80,11 @@ def test_decoder_reads_examples_written_by_tensorflow():
   }))
   decoded = tfrecord.decode_example(example.SerializeToString())
   assert decoded == {"image": ("bytes", [b"\x89PNG"]), "label": ("int64", [3, -2]), "score": ("float", [0.5, 2.0])}
+
+
+@pytest.mark.parametrize("tail, where", [(b"\x10\x00\x00", "byte 0"), (b"\x10" + b"\x00" * 11 + b"abcdxx", "byte 0")])
+def test_truncated_tfrecord_names_the_file_and_byte(tmp_path, tail, where):
+  path = tmp_path / "x.tfrecord"
+  path.write_bytes(tail)
+  with pytest.raises(ValueError, match=f"x.tfrecord: truncated TFRecord at {where}"):
+    tfrecord.record_extents(str(path))

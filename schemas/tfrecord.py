@@ -1,18 +1,50 @@
-"""tf.train.Example encoding and TFRecord framing without TensorFlow.
+"""The shard format: tf.train.Example encoding and decoding, TFRecord framing with its CRC32C, and the index
+of a TFRecord file's records, without TensorFlow.
 
-The shard writer runs in every Beam worker; importing TensorFlow there costs about 10 s per process and is not
-needed: an Example is a small protobuf and a TFRecord frame is a length, a CRC32C and the bytes. The encoder
-gives exactly the bytes of TensorFlow's `SerializeToString(deterministic=True)` (a test holds it to that),
-and files are read and written through Beam's FileSystems, so gs:// works like a local path.
+The shard builder, the trainer and the evaluators all read or write shards through this module. Importing
+TensorFlow costs about 10 s per Beam worker process and is not needed to write: an Example is a small protobuf
+and a TFRecord frame is a length, a CRC32C and the bytes. The encoder gives exactly the bytes of TensorFlow's
+`SerializeToString(deterministic=True)` (a test holds it to that).
 """
 
 import functools
+import os
 import struct
 from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from schemas.tfrecord_crc import crc32c_extend, mask_crc, masked_crc32c
+from schemas import storage
+
+try:
+  import google_crc32c  # C implementation; a dependency of google-cloud-storage.
+
+  def crc32c(data) -> int:
+    return google_crc32c.value(data)
+
+  def crc32c_extend(crc: int, data) -> int:
+    return google_crc32c.extend(crc, data)
+except ImportError:  # pragma: no cover - Beam's fallback (crcmod, slower).
+  from apache_beam.io.tfrecordio import _default_crc32c_fn as crc32c
+
+  def crc32c_extend(crc: int, data) -> int:
+    import crcmod.predefined
+    fn = crcmod.predefined.mkPredefinedCrcFun("crc-32c")
+    return fn(bytes(data), crc)
+
+_MASK_DELTA = 0xA282EAD8
+RECORD_HEADER_BYTES = 12  # u64 length, u32 masked CRC of the length; then the data and a u32 masked CRC of it
+
+
+def mask_crc(crc: int) -> int:
+  return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def masked_crc32c(data) -> int:
+  return mask_crc(crc32c(data))
+
+
+# --------------------------------------------------------------------------------------------- tf.train.Example
 
 _SMALL_VARINTS = [bytes((v,)) for v in range(128)]
 
@@ -203,6 +235,8 @@ def decode_example(data: bytes) -> dict[str, tuple[str, object]]:
   return out
 
 
+# --------------------------------------------------------------------------------------------- TFRecord framing
+
 def frame_record(data: bytes) -> bytes:
   """One TFRecord frame: uint64 length, masked CRC32C of the length, the data, masked CRC32C of the data."""
   length = struct.pack("<Q", len(data))
@@ -241,10 +275,10 @@ def read_records(stream: BinaryIO, where: str = "tfrecord") -> Iterator[bytes]:
   """The records of a TFRecord stream (uncompressed), checking both CRCs."""
   index = 0
   while True:
-    header = stream.read(12)
+    header = stream.read(RECORD_HEADER_BYTES)
     if not header:
       return
-    if len(header) < 12:
+    if len(header) < RECORD_HEADER_BYTES:
       raise ValueError(f"{where}: record {index}: truncated header")
     length, length_crc = struct.unpack("<QI", header)
     if masked_crc32c(header[:8]) != length_crc:
@@ -257,3 +291,23 @@ def read_records(stream: BinaryIO, where: str = "tfrecord") -> Iterator[bytes]:
       raise ValueError(f"{where}: record {index}: data CRC mismatch")
     yield data
     index += 1
+
+
+def record_extents(path: str, generation: int | None = None) -> list[tuple[int, int]]:
+  """(offset of the data, length) of every record of one TFRecord file, from the length headers (whose CRCs
+  are checked). On gs:// the file streams through once (the reader fetches large chunks), locally only the
+  headers are read."""
+  extents = []
+  with storage.open_file(path, "rb", generation=generation) as f:
+    size = f.seek(0, os.SEEK_END)
+    offset = f.seek(0)
+    while offset < size:
+      header = f.read(RECORD_HEADER_BYTES)
+      (length,) = struct.unpack_from("<Q", header) if len(header) == RECORD_HEADER_BYTES else (size,)
+      if offset + RECORD_HEADER_BYTES + length + 4 > size:
+        raise ValueError(f"{path}: truncated TFRecord at byte {offset}")
+      if masked_crc32c(header[:8]) != struct.unpack_from("<I", header, 8)[0]:
+        raise ValueError(f"{path}: corrupt TFRecord length at byte {offset} (CRC mismatch)")
+      extents.append((offset + RECORD_HEADER_BYTES, length))
+      offset = f.seek(offset + RECORD_HEADER_BYTES + length + 4)
+  return extents

@@ -1,0 +1,106 @@
+import os
+
+import numpy as np
+import pytest
+
+from schemas.shards import PackedRecords, load_split
+from schemas.tfrecord import record_extents
+
+
+def test_records_read_in_any_order_equal_the_loaded_split(shard_dir):
+  whole = load_split(str(shard_dir), "train")
+  records = PackedRecords(str(shard_dir), "train")
+  assert len(records) == len(whole["labels"])
+  order = np.random.default_rng(0).permutation(len(records))[:7].tolist() + [0, 0]
+  batch = records.read(order, fields=("patches", "segment_ids", "labels", "example_ids"))
+  for key, value in batch.items():
+    np.testing.assert_array_equal(value, whole[key][order])
+  records.close()
+
+
+def test_record_extents_walk_every_shard_of_the_split(shard_dir):
+  records = PackedRecords(str(shard_dir), "train")
+  counts = [len(record_extents(p)) for p in records.paths]
+  assert len(counts) > 1 and sum(counts) == len(records)
+  records.close()
+
+
+def _copy_shards(shard_dir, tmp_path):
+  import shutil
+  target = tmp_path / "shards"
+  shutil.copytree(shard_dir, target)
+  return target
+
+
+def test_a_flipped_bit_in_a_record_is_an_error_naming_file_and_byte(shard_dir, tmp_path):
+  shards = _copy_shards(shard_dir, tmp_path)
+  records = PackedRecords(str(shards), "train")
+  first = records.paths[0]
+  data_offset, length = record_extents(first)[1]  # the second record of the first shard
+  with open(first, "r+b") as f:
+    f.seek(data_offset + length // 2)
+    byte = f.read(1)
+    f.seek(data_offset + length // 2)
+    f.write(bytes([byte[0] ^ 0x01]))
+  records.read([0])  # the first record is intact
+  with pytest.raises(ValueError, match=rf"{first.split('/')[-1]}: corrupt TFRecord at byte {data_offset - 12} "
+                                       r"\(data CRC mismatch\)"):
+    records.read([1])
+
+
+def test_a_corrupt_length_header_is_an_error_naming_file_and_byte(shard_dir, tmp_path):
+  shards = _copy_shards(shard_dir, tmp_path)
+  first = PackedRecords(str(shards), "train").paths[0]
+  with open(first, "r+b") as f:
+    f.seek(9)  # inside the masked CRC of the first record's length
+    byte = f.read(1)
+    f.seek(9)
+    f.write(bytes([byte[0] ^ 0x01]))
+  with pytest.raises(ValueError, match="corrupt TFRecord length at byte 0"):
+    record_extents(first)
+
+
+def _upload(client, local_dir, prefix):
+  bucket = client.bucket("patchflow-test")
+  for folder, _, names in os.walk(local_dir):
+    for name in names:
+      path = os.path.join(folder, name)
+      bucket.blob(f"{prefix}/{os.path.relpath(path, local_dir)}").upload_from_filename(path)
+
+
+def test_missing_remote_dataset_is_a_clear_error(gcs_emulator):
+  from schemas.errors import ContractError
+  with pytest.raises(ContractError, match="gs://patchflow-test/nothing/dataset_info.json: not found"):
+    load_split("gs://patchflow-test/nothing", "train")
+
+
+def test_remote_records_are_read_by_range_in_any_order(gcs_emulator, shard_dir):
+  _upload(gcs_emulator, shard_dir, "datasets/ranged")
+  local, remote = PackedRecords(str(shard_dir), "train"), PackedRecords("gs://patchflow-test/datasets/ranged", "train")
+  order = [len(local) - 1, 0, 3, 3, 1]
+  a, b = local.read(order), remote.read(order)
+  for key in a:
+    assert (a[key] == b[key]).all()
+  local.close(), remote.close()
+
+
+def test_a_remote_shard_replaced_while_in_use_is_an_error_not_other_bytes(gcs_emulator, shard_dir, monkeypatch):
+  from google.cloud.storage import Blob
+  _upload(gcs_emulator, shard_dir, "datasets/replaced")
+  records = PackedRecords("gs://patchflow-test/datasets/replaced", "train")
+  blob = gcs_emulator.bucket("patchflow-test").blob(records.paths[0][len("gs://patchflow-test/"):])
+  pinned = gcs_emulator.bucket("patchflow-test").get_blob(blob.name).generation
+  original = blob.download_as_bytes()
+  asked = []
+  download = Blob.download_as_bytes
+  monkeypatch.setattr(Blob, "download_as_bytes", lambda self, *a, **kw: asked.append(self.generation) or
+                      download(self, *a, **kw))
+  records.read([0])
+  # Rebuilt in place: same length, other bytes.
+  blob.upload_from_string(original[:100] + bytes(b ^ 0xFF for b in original[100:200]) + original[200:])
+  # Real GCS answers the pinned generation with 404 (FileNotFoundError); the emulator ignores generations
+  # and serves the new bytes, which the record CRC then refuses. Either way: an error, never other data.
+  with pytest.raises((FileNotFoundError, ValueError), match="replaced while in use|CRC mismatch"):
+    records.read([0])
+  assert asked and set(asked) == {pinned}  # every ranged GET asked for the version that was indexed
+  records.close()
