@@ -6,6 +6,8 @@
   patchflow train --data SHARDS --workdir DIR [--config smoke] [--set train.steps=100 ...]
   patchflow calibrate --predictions PATH.parquet --output DIR   # calibration.json, reliability plots, HTML
   patchflow localisation-metrics --detections D.jsonl --ground-truth G.jsonl --output DIR   # frame/video mAP
+  patchflow synthetic actions --output DIR [--seed S --num-train N ...]   # action clips (mp4) + tubelets
+  patchflow synthetic action-classes --output DIR [--seed S --num-train N ...]   # clips labelled by action
 """
 
 import argparse
@@ -129,6 +131,41 @@ def _localisation_metrics(args) -> int:
   return 0
 
 
+def _synthetic_actions(args) -> int:
+  from beam_jobs.synthetic_actions import DEFAULT_SPLITS, generate_action_clips
+  summary = generate_action_clips(args.output, **_synthetic_video_options(args, DEFAULT_SPLITS))
+  print(f"wrote {_clip_counts(summary)} with {sum(summary['tubes'].values())} tubelets to {args.output}; "
+        f"train tubelets per class: {_per_class(summary)}")
+  return 0
+
+
+def _synthetic_action_classes(args) -> int:
+  from beam_jobs.synthetic_actions import DEFAULT_CLASS_SPLITS, generate_action_classes
+  summary = generate_action_classes(args.output, **_synthetic_video_options(args, DEFAULT_CLASS_SPLITS))
+  print(f"wrote {_clip_counts(summary)} to {args.output}; train clips per class: {_per_class(summary)}")
+  return 0
+
+
+def _synthetic_video_options(args, default_splits: dict[str, int]) -> dict:
+  """The generator's keyword arguments: those given on the command line, the others left to its defaults."""
+  given = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
+  options = {"seed": args.seed, "splits": {s: n if given[s] is None else given[s] for s, n in default_splits.items()},
+             "log": lambda m: print(m, file=sys.stderr, flush=True)}
+  options.update({key: value for key, value in (("frames", args.frames), ("size", args.size)) if value is not None})
+  return options
+
+
+def _clip_counts(summary: dict) -> str:
+  clips = summary["clips"]
+  return (f"{sum(clips.values())} clips ({', '.join(f'{s} {n}' for s, n in clips.items())}; "
+          f"{summary['frames']} frames of {summary['size']}x{summary['size']} px, {summary['num_bytes']} bytes)")
+
+
+def _per_class(summary: dict) -> str:
+  return ", ".join(f"{name} {count}"
+                   for name, count in zip(summary["class_names"], summary["class_counts"].get("train", [])))
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="patchflow", description="Multimodal pipelines: data -> checkpoint -> report.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--ground-truth", required=True, help="ground-truth tubes, JSONL: video, label, boxes")
   p.add_argument("--output", required=True, help="directory for metrics.json and lineage.json")
   p.set_defaults(func=_localisation_metrics)
+  # Defaults stay in beam_jobs.synthetic_actions (None here: the data set's own), which this parser does not
+  # import: PyAV and numpy would slow every other command.
+  synthetic = sub.add_parser("synthetic", help="synthetic data sets").add_subparsers(dest="synthetic_command",
+                                                                                      required=True)
+  for name, func, help_text in (
+      ("actions", _synthetic_actions,
+       "action localisation clips (mp4): 1-3 actors with tubelets, long-tailed classes, ground truth per split"),
+      ("action-classes", _synthetic_action_classes,
+       "one-actor clips (mp4) labelled by action, balanced classes (co-finetuning's upstream)")):
+    p = synthetic.add_parser(name, help=help_text, description=help_text + ". Defaults: docs/actions.md")
+    p.add_argument("--output", required=True, help="directory for videos/, manifest.jsonl, classes.json")
+    p.add_argument("--seed", type=int, default=0, help="the same seed and sizes give the same bytes")
+    for split in ("train", "val", "test"):
+      p.add_argument(f"--num-{split}", type=int, default=None, metavar="N", help=f"{split} clips")
+    p.add_argument("--frames", type=int, default=None, metavar="F", help="frames per clip")
+    p.add_argument("--size", type=int, default=None, metavar="PX", help="frame side in pixels (even)")
+    p.set_defaults(func=func)
   return parser
 
 
