@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from trainers.train import _forward, slot_loss_and_accuracy
@@ -20,6 +21,7 @@ def _load(name):
   return module
 
 
+@pytest.mark.slow
 def test_unmasked_vit_baseline_trains_and_differs_from_the_masked_model():
   bench = _load("trainer_throughput")
   rng = np.random.default_rng(0)

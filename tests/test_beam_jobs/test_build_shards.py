@@ -374,6 +374,7 @@ def test_text_tokens_and_their_segment_ids(synthetic_dir, tmp_path):
   assert checked == len(captions)
 
 
+@pytest.mark.slow
 def test_resolution_sampling_and_token_dropping_are_deterministic_and_recorded(synthetic_dir, tmp_path):
   options = ShardOptions(seq_len=128, patch_size=16, max_images=8, max_patches_per_image=32, seed=7,
                          resolution_sampling="uniform:4:32", token_drop="fixed:0.5")

@@ -16,6 +16,7 @@ def _numbered(text):
   return [(i, line + "\n") for i, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 5, 7, 16, 1000])
 @pytest.mark.parametrize("text", ["a\nbb\n\nccc\nd", "a\nbb\n\nccc\nd\n", "\n\nxyz\n", "one", "\u00e9\u00e9\n\u00fc\n"])
 def test_read_numbered_lines_keeps_line_numbers_for_any_chunking(tmp_path, text, chunk_bytes):

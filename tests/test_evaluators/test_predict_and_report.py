@@ -1,6 +1,7 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from evaluators.calibration import calibrate
 from evaluators.predict import predict_and_evaluate, shift_of
@@ -10,6 +11,7 @@ from trainers.configs import apply_overrides, load_config
 from trainers.train import train
 
 
+@pytest.mark.slow
 def test_predictions_metrics_and_report(shard_dir, tmp_path):
   config = apply_overrides(load_config("smoke"), {"train.steps": 4, "train.checkpoint_every": 4,
                                                    "train.log_every": 2, "model.width": 32, "model.depth": 1})

@@ -27,6 +27,7 @@ def test_variants_are_validated_and_filled_in():
       validate_variant(bad)
 
 
+@pytest.mark.slow
 def test_each_method_is_trained_evaluated_and_reported(shard_dir, tmp_path):
   base = {"name": "T", "width": 16, "depth": 1, "heads": 2}
   variants = {"det": {**base, "method": "deterministic", "temperature_scaling": True},
@@ -91,6 +92,7 @@ def test_members_of_different_architectures_never_share_a_checkpoint():
   assert _member_name(member_overrides(plain, 0)) == _member_name(member_overrides(dict(plain), 0))
 
 
+@pytest.mark.slow
 def test_a_model_trains_each_distinct_member_once_and_evaluates_every_method(shard_dir, tmp_path):
   from trainers.variants import model_variants, train_model
   model = {"name": "T", "width": 16, "depth": 1, "heads": 2, "methods": [

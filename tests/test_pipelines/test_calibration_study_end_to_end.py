@@ -7,12 +7,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 MODELS = [{"name": "T", "width": 16, "depth": 1, "heads": 2, "methods": [
     {"method": "deterministic", "temperature_scaling": True}, {"method": "ensemble", "seeds": [0, 1]}]}]
 TINY = ["--set", "num_train=40", "--set", "num_val=20", "--set", "num_test=20", "--set", "steps=4",
         "--set", "batch_size=4", "--set", f"models={json.dumps(MODELS)}"]
 
 
+@pytest.mark.slow
 def test_study_runs_every_model_and_reports(tmp_path):
   exe = os.path.join(os.path.dirname(sys.executable), "patchflow")
   result = subprocess.run([exe, "run", "calibration_study", *TINY, "--home", str(tmp_path)], capture_output=True,

@@ -3,6 +3,8 @@ GCS IO, and the trainer reads them back from gs:// through google-cloud-storage.
 
 import json
 
+import pytest
+
 from beam_jobs.build_shards import build_shards
 from beam_jobs.options import ShardOptions
 from schemas.dataset_info import read_dataset_info
@@ -10,6 +12,7 @@ from trainers.configs import apply_overrides, load_config
 from trainers.train import train
 
 
+@pytest.mark.slow
 def test_shards_written_to_gs_train_like_local_ones(gcs_emulator, synthetic_dir, shard_dir, tmp_path):
   options = ShardOptions(seq_len=128, patch_size=16, max_images=8, max_patches_per_image=32, num_shards=2)
   remote = "gs://patchflow-test/runs/shards"

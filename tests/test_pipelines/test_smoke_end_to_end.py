@@ -31,6 +31,7 @@ def smoke_run(tmp_path_factory):
   return home, result
 
 
+@pytest.mark.slow
 def test_smoke_run_succeeds_and_writes_the_report(smoke_run):
   home, result = smoke_run
   last = result.stdout.strip().splitlines()[-1]
@@ -53,6 +54,7 @@ def _first_id(home):
   return json.loads(_patchflow("runs", "--json", home=home).stdout)[-1]["id"]
 
 
+@pytest.mark.slow
 def test_reruns_reuse_cached_steps_and_are_listed(smoke_run):
   home, _ = smoke_run
   run_id = _first_id(home)
@@ -82,6 +84,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ui_rerun_button_in_headless_chromium(smoke_run, tmp_path):
   if CHROMIUM is None:
     if os.environ.get("CI"):
@@ -138,6 +141,7 @@ def test_rerun_of_an_unknown_id_is_a_clear_error(tmp_path):
   assert result.stderr.strip() == "patchflow: error: unknown run id 'smoke-nope' (see `patchflow runs`)"
 
 
+@pytest.mark.slow
 def test_a_failing_step_fails_the_run_loudly_with_its_name_and_error(tmp_path):
   result = _patchflow("run", "smoke", *SMALL, "--set", "max_patches_per_image=999", home=tmp_path)
   assert result.returncode == 1

@@ -65,6 +65,7 @@ def test_submit_to_kubeflow_posts_the_compiled_pipeline(kfp_server, tmp_path, ca
   assert record["status"] == "SUBMITTED" and record["target"] == "kfp" and record["console_url"].endswith("run-42")
 
 
+@pytest.mark.slow
 def test_vertex_job_is_built_with_template_parameters_labels_and_caching(tmp_path):
   from google.auth.credentials import AnonymousCredentials
   job = build_vertex_job("smoke", "vertex-tpu", "my-project", "us-central1", "gs://bucket/root", {"steps": 7},

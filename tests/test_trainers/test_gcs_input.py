@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from schemas.shards import load_split
 from trainers.configs import apply_overrides, load_config
 from trainers.train import train
@@ -13,6 +15,7 @@ def _upload(client, local_dir, prefix):
       bucket.blob(f"{prefix}/{os.path.relpath(path, local_dir)}").upload_from_filename(path)
 
 
+@pytest.mark.slow
 def test_trainer_reads_shards_from_gs_and_matches_local(gcs_emulator, shard_dir, tmp_path):
   _upload(gcs_emulator, shard_dir, "datasets/small")
   remote = "gs://patchflow-test/datasets/small"

@@ -19,6 +19,7 @@ def _train_cmd(shard_dir, workdir, *extra):
   return [sys.executable, "-m", "trainers.train", "--data", str(shard_dir), "--workdir", str(workdir), *TINY, *extra]
 
 
+@pytest.mark.slow
 def test_two_by_two_mesh_reaches_the_same_loss_as_one_device(shard_dir, tmp_path):
   script = textwrap.dedent(f"""
       import json, jax, numpy as np
@@ -88,6 +89,7 @@ def _wait_for_step(path, step, proc, timeout=300):
   raise TimeoutError(path)
 
 
+@pytest.mark.slow
 def test_sigkill_then_same_command_gives_bit_identical_parameters(shard_dir, tmp_path):
   extra = ["--set", "train.steps=80", "--set", "train.checkpoint_every=5", "--set", "train.log_every=1"]
   whole = subprocess.run(_train_cmd(shard_dir, tmp_path / "whole", *extra), capture_output=True, text=True,
@@ -109,6 +111,7 @@ def test_sigkill_then_same_command_gives_bit_identical_parameters(shard_dir, tmp
   assert steps == list(range(1, 81))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shard_dir, tmp_path):
   base = ["--set", "train.steps=30", "--set", "train.checkpoint_every=2", "--set", "train.log_every=1"]
   ok = subprocess.run(_train_cmd(shard_dir, tmp_path / "w", *base, "--set", "train.steps=4"), capture_output=True,
@@ -123,6 +126,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shard_d
   assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit())[-1] == "4"
 
 
+@pytest.mark.slow
 def test_checkpoint_from_other_data_is_refused(shard_dir, tmp_path):
   ok = subprocess.run(_train_cmd(shard_dir, tmp_path / "w", "--set", "train.steps=2", "--set",
                                  "train.checkpoint_every=2"), capture_output=True, text=True, timeout=600)

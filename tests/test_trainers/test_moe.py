@@ -18,6 +18,7 @@ def _call(model, x, mask=None):
   return nnx.jit(lambda m, x, mask: m(x, mask))(model, x, mask)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ROUTERS)
 def test_tokens_reach_at_most_k_experts_and_padding_is_never_routed(router):
   model = MoEFeedForward(16, 32, 6, 2, router=router, capacity_factor=2.0, rngs=nnx.Rngs(0))
@@ -50,6 +51,7 @@ def _one_expert_model(router, k, capacity_factor, num_experts=4, width=8):
   return model, x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ROUTERS)
 def test_capacity_is_respected_and_overflowing_tokens_get_no_update(router):
   model, x = _one_expert_model(router, k=1, capacity_factor=1.0)
@@ -108,6 +110,7 @@ def test_sparse_router_gates_are_the_sparse_topk_mask_of_the_logits():
   assert (expected == 1).any() and ((expected > 0) & (expected < 1)).any()  # clear and contested tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ROUTERS)
 def test_both_routers_train_on_a_toy_regression(router):
   """Targets are one of 4 fixed linear maps chosen by the sign pattern of two input features: learnable
@@ -143,6 +146,7 @@ def test_experts_are_stacked_and_annotated_for_the_model_axis():
   assert tuple(specs["b_out"].get_value()) == ("model", None)
 
 
+@pytest.mark.slow
 def test_experts_shard_over_the_model_axis_of_an_active_mesh():
   code = textwrap.dedent("""
       import jax, numpy as np

@@ -36,6 +36,7 @@ def hard_topk_mask(x, k):
   return np.asarray(jnp.sum(jax.nn.one_hot(index, x.shape[-1]), axis=-2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_p2_mask_is_the_euclidean_projection_onto_the_capped_simplex(solver):
   rng = np.random.default_rng(0)
@@ -50,6 +51,7 @@ def test_p2_mask_is_the_euclidean_projection_onto_the_capped_simplex(solver):
         assert np.dot(z - row, c - row) <= 1e-3 * (1 + np.abs(z).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p", [4.0 / 3.0, 3.0, 1.5])
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_other_p_match_the_threshold_form_and_differ_from_p2(p, solver):
@@ -63,6 +65,7 @@ def test_other_p_match_the_threshold_form_and_differ_from_p2(p, solver):
   assert np.abs(y - y2).max() > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
 def test_mask_sums_to_k_lies_in_unit_box_and_has_exact_zeros(solver, p):
@@ -75,6 +78,7 @@ def test_mask_sums_to_k_lies_in_unit_box_and_has_exact_zeros(solver, p):
   assert (y == 1.0).any()                                   # and clear winners exactly one
 
 
+@pytest.mark.slow
 def test_pav_and_dykstra_agree_on_router_shapes_and_long_vectors():
   rng = np.random.default_rng(2)
   for shape, k, l in [((256, 64), 2, 0.1), ((256, 64), 8, 1.0), ((1, 1000), 20, 0.2)]:
@@ -86,6 +90,7 @@ def test_pav_and_dykstra_agree_on_router_shapes_and_long_vectors():
       assert ((pav == 0) == (dyk == 0)).mean() > 0.999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("p", [2.0, 4.0 / 3.0, 3.0])
 def test_gradients_match_finite_differences(solver, p):
@@ -122,6 +127,7 @@ def test_batched_equals_per_row(solver):
                                  atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p", [2.0, 4.0 / 3.0, 3.0])
 def test_vmapped_pav_rows_used_off_cpu_agree_with_sequential_rows(monkeypatch, p):
   from trainers.ops import sparse_topk as ops
@@ -134,6 +140,7 @@ def test_vmapped_pav_rows_used_off_cpu_agree_with_sequential_rows(monkeypatch, p
                              grad_sequential, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_jit_vmap_and_grad(solver):
   x = jax.random.normal(jax.random.key(5), (6, 12))
@@ -163,6 +170,7 @@ def test_small_l_gives_hard_topk_and_large_l_gives_uniform(solver):
   assert all(a > b for a, b in zip(dists, dists[1:]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_gradient_in_l_edge_sizes_and_nan(solver):
   x = jnp.array([1.0, 0.9, 0.5, -1.0])
@@ -220,6 +228,7 @@ def test_pav_handles_long_vectors_in_seconds():
   assert 100 <= (y > 0).sum() < 1000
 
 
+@pytest.mark.slow
 def test_works_on_a_sharded_mesh():
   """Two host CPU devices in a child process (the device count is fixed when JAX starts)."""
   code = textwrap.dedent("""

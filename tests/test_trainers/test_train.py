@@ -41,6 +41,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_images_in_one_sequence_never_see_each_other(shard_dir, variant):
   info = read_dataset_info(str(shard_dir))
@@ -65,6 +66,7 @@ def test_images_in_one_sequence_never_see_each_other(shard_dir, variant):
   assert not np.allclose(run(batch["patches"])[0, 1:], run(changed)[0, 1:], rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_every_model_option_trains(shard_dir):
   info = read_dataset_info(str(shard_dir))
   data = load_split(str(shard_dir), "train", info)
@@ -92,6 +94,7 @@ def test_batches_are_a_pure_function_of_seed_and_step():
   assert a != [batch_indices(10, 4, s, seed=2).tolist() for s in range(6)]
 
 
+@pytest.mark.slow
 def test_resume_from_last_checkpoint_gives_identical_parameters(shard_dir, tmp_path):
   config = _config()
   whole = train(str(shard_dir), str(tmp_path / "whole"), config, log=lambda m: None)
@@ -133,6 +136,7 @@ def test_unknown_schema_fingerprint_is_refused(shard_dir, tmp_path):
     train(str(tmp_path / "shards"), str(tmp_path / "w"), _config())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ["softmax_topk", "sparse_topk"])
 def test_moe_model_trains_with_either_router(shard_dir, router):
   info = read_dataset_info(str(shard_dir))
@@ -168,6 +172,7 @@ def test_label_smoothing_loss_hand_computed():
   assert float(plain) == pytest.approx(-log_p[0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_is_off_in_eval_mode_and_leaves_the_initial_parameters_alone(shard_dir, tmp_path):
   from trainers.checkpointing import params_sha256
   info = read_dataset_info(str(shard_dir))
