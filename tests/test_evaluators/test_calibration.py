@@ -186,7 +186,7 @@ def test_spilled_rows_and_a_second_read_give_the_same_results(tmp_path, monkeypa
   path = write(tmp_path / "p.parquet", labels, logits, row_group_size=50)
   monkeypatch.setattr(prediction_stream, "CHUNK_FLOATS", 6 * 64)
   in_memory = calibration.analyse(path)
-  monkeypatch.setattr(rowstore, "use_direct_io", direct_io)
+  monkeypatch.setattr("schemas.direct_io.use_direct_io", direct_io)
   if direct_io and rowstore.DirectSpill.create(6) is None:
     pytest.skip("no O_DIRECT in the temporary directory")
   logs = []

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from evaluators import rowstore
+from schemas import direct_io
 
 
 @pytest.mark.parametrize("k", [6, 1000, 1001])
@@ -36,11 +37,11 @@ def test_row_store_head_and_memory_then_spill():
   finally:
     store.close()
   dropped = rowstore.RowStore(3, budget_bytes=3 * 4 * 5, buffered_spill=False)
-  rowstore_direct = rowstore.use_direct_io
-  rowstore.use_direct_io = False
+  was_direct = direct_io.use_direct_io
+  direct_io.use_direct_io = False
   try:
     dropped.append(rows, np.arange(12))
     assert not dropped.ok
   finally:
-    rowstore.use_direct_io = rowstore_direct
+    direct_io.use_direct_io = was_direct
     dropped.close()
