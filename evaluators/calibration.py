@@ -35,31 +35,27 @@ in evaluators/metrics.py, which also finishes them from the per-bin sums accumul
   calibration_auc: AUROC of the confidence c_i for telling correct (positive) from wrong predictions
     (Uncertainty Baselines' calibration AUC; null when all predictions are right or all wrong).
 
-Memory: the single-pass metrics hold one chunk (about 32 MB of scores) plus per-group sums (G x K x 15);
-O(N) scalars per row are kept for equal-mass ECE, bootstrap, OOD and selective prediction. The file is
-decoded once: the shifted scores of the fit rows (for the Newton passes of the temperature fit) are kept in
-memory up to 256 MB and those of the held-out rows (to apply the fitted temperature) up to 32 MB; beyond that
-they go to temporary files written and read with O_DIRECT (evaluators/rowstore.py). Where O_DIRECT is not
-available the fit rows spill through the page cache and the held-out rows are decoded from the file again.
+Memory: the single-pass metrics hold one chunk (about 32 MB of scores, read by evaluators/prediction_stream.py)
+plus per-group sums (G x K x 15); O(N) scalars per row are kept for equal-mass ECE, bootstrap, OOD and
+selective prediction. The file is decoded once: the shifted scores of the fit rows (for the Newton passes of
+the temperature fit) and of the held-out rows (to apply the fitted temperature) are kept, in memory up to a
+budget and beyond it in temporary files (evaluators/temperature_rows.py); held-out rows that cannot be kept
+are decoded from the file again.
 """
 
 import json
 import os
-import queue
 import shutil
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from evaluators import metrics
-from evaluators.rowstore import RowStore
+from evaluators import metrics, prediction_stream
+from evaluators.prediction_stream import Source, open_predictions, row_error
+from evaluators.temperature_rows import STORE_BUDGET_BYTES, TemperatureRows
 from schemas import storage
-from schemas.errors import ContractError
 
 NUM_BINS = metrics.NUM_ECE_BINS
 NUM_EQUAL_MASS_BINS = metrics.NUM_EQUAL_MASS_BINS
@@ -70,202 +66,7 @@ SEED = 0
 TEMPERATURE_RANGE = (0.01, 100.0)
 NEWTON_TOLERANCE = 1e-4
 SELECTIVE_POINTS = 20
-CHUNK_FLOATS = 1 << 23          # about 32 MB of float32 scores per chunk
-READ_BUFFER_BYTES = 1 << 20
-GCS_READ_BYTES = 1 << 23         # bytes per range request to gs:// (a multiple of 256 KiB)
-READ_THREADS = 1                # a second reader cost ~1 CPU s and ~300 MB more on 1M x 1000 here, for no gain
-STORE_BUDGET_BYTES = 1 << 28    # fit rows kept in memory up to this (read by every Newton pass), then spilled
-HELD_MEMORY_BYTES = 1 << 25     # held-out rows (read once) kept in memory up to this, then spilled
 _TINY = float(np.finfo(np.float32).tiny)
-SCORE_COLUMNS = ("logits", "probs")
-
-
-# ---------------------------------------------------------------- reading
-
-@dataclass
-class Source:
-  """An opened predictions file: which score column, how many rows and classes, the per-row group codes."""
-  path: str
-  file: pq.ParquetFile
-  score: str
-  num_rows: int
-  num_classes: int
-  groups: dict = field(default_factory=dict)     # kind ("split", "shift") -> (codes int32 [N], names)
-  ood: np.ndarray | None = None
-
-
-def _open_file(path: str) -> pq.ParquetFile:
-  if storage.is_gcs(path):
-    # google-cloud-storage (as everywhere in patchflow: it honours STORAGE_EMULATOR_HOST) behind a seekable
-    # reader that fetches GCS_READ_BYTES per range request, so row groups stream as from a local file.
-    if not storage.exists(path):
-      raise ContractError(f"{path}: no such file")
-    return pq.ParquetFile(storage.open_file(path, "rb", chunk_size=GCS_READ_BYTES), pre_buffer=False,
-                          buffer_size=READ_BUFFER_BYTES)
-  if "://" in path:
-    from pyarrow import fs
-    filesystem, inner = fs.FileSystem.from_uri(path)
-    return pq.ParquetFile(filesystem.open_input_file(inner), pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
-  if not os.path.exists(path):
-    raise ContractError(f"{path}: no such file")
-  # pre_buffer (the default) reads far ahead: 5x slower and 3x the memory on a 400 MB file here.
-  return pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
-
-
-def open_predictions(path: str) -> Source:
-  try:
-    file = _open_file(path)
-  except (pa.ArrowInvalid, OSError) as e:
-    if isinstance(e, FileNotFoundError):
-      raise ContractError(f"{path}: no such file") from None
-    raise ContractError(f"{path}: not a Parquet file ({str(e).splitlines()[0]})") from None
-  schema = file.schema_arrow
-  for name in ("example_id", "label"):
-    if name not in schema.names:
-      raise ContractError(f"{path}: missing column {name!r}")
-  score = next((s for s in SCORE_COLUMNS if s in schema.names), None)
-  if score is None:
-    raise ContractError(f"{path}: needs a 'logits' or 'probs' column")
-  kind = schema.field(score).type
-  if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) or \
-      not pa.types.is_floating(kind.value_type):
-    raise ContractError(f"{path}: column {score!r} must be list<float32> or fixed_size_list<float32>, got {kind}")
-  if not pa.types.is_integer(schema.field("label").type):
-    raise ContractError(f"{path}: column 'label' must be an integer, got {schema.field('label').type}")
-  num_rows = file.metadata.num_rows
-  if num_rows == 0:
-    raise ContractError(f"{path}: no rows")
-  source = Source(path, file, score, num_rows, _first_row_width(path, file, score, kind))
-  if source.num_classes < 1:
-    raise ContractError(f"{path}: row 0: {score!r} has 0 classes")
-  for kind_name in ("split", "shift"):
-    if kind_name in schema.names:
-      source.groups[kind_name] = _codes(file.read(columns=[kind_name]).column(0))
-  if "ood" in schema.names:
-    column = file.read(columns=["ood"]).column(0)
-    if column.null_count:
-      raise ContractError(f"{path}: row {_first_null(column)}: 'ood' is null")
-    source.ood = column.to_numpy().astype(bool)
-  return source
-
-
-def _first_row_width(path: str, file: pq.ParquetFile, score: str, kind) -> int:
-  if pa.types.is_fixed_size_list(kind):
-    return kind.list_size
-  for batch in file.iter_batches(batch_size=1, columns=[score]):
-    first = batch.column(0)[0]
-    if not first.is_valid:
-      raise ContractError(f"{path}: row 0: {score!r} is null")
-    return len(first)
-  return 0
-
-
-def _first_null(column) -> int:
-  return int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-
-
-def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
-  """Dictionary codes of a string column; nulls become their own group, named '(null)'."""
-  encoded = column.combine_chunks().cast(pa.string()).fill_null("(null)").dictionary_encode()
-  return encoded.indices.to_numpy().astype(np.int32), [str(v) for v in encoded.dictionary.to_pylist()]
-
-
-def _chunks(source: Source, columns: list[str], readers: int = READ_THREADS, depth: int = 2):
-  """(first row number, record batch) over the file in order, about CHUNK_FLOATS scores at a time.
-
-  `readers` threads decode row groups g, g + readers, ... with their own file handles (Parquet decoding
-  releases the GIL), each at most `depth` batches ahead: decoding overlaps the numpy work on earlier chunks
-  and memory stays bounded by readers x depth batches."""
-  rows = max(1, CHUNK_FLOATS // max(source.num_classes, 1))
-  groups = source.file.metadata.num_row_groups
-  readers = max(1, min(readers, groups))
-  queues = [queue.Queue(depth) for _ in range(readers)]
-  stop, end_of_group = threading.Event(), object()
-
-  def put(q, item) -> bool:
-    while not stop.is_set():
-      try:
-        q.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def read(worker: int):
-    q = queues[worker]
-    try:
-      file = source.file if worker == 0 else _open_file(source.path)
-      for g in range(worker, groups, readers):
-        for batch in file.iter_batches(batch_size=rows, row_groups=[g], columns=columns, use_threads=False):
-          if not put(q, batch):
-            return
-        if not put(q, end_of_group):
-          return
-    except (pa.ArrowException, OSError) as e:
-      put(q, ContractError(f"{source.path}: cannot read row group {g} ({str(e).splitlines()[0]})"))
-    except BaseException as e:  # handed to the consumer, which raises it
-      put(q, e)
-
-  threads = [threading.Thread(target=read, args=(w,), daemon=True) for w in range(readers)]
-  for thread in threads:
-    thread.start()
-  try:
-    row0 = 0
-    for g in range(groups):
-      while (item := queues[g % readers].get()) is not end_of_group:
-        if isinstance(item, BaseException):
-          raise item
-        yield row0, item
-        row0 += item.num_rows
-  finally:
-    stop.set()
-
-
-def _example_id(source: Source, row: int) -> str:
-  # A fresh handle: the reader thread may still be using source.file.
-  ids = _open_file(source.path).read(columns=["example_id"]).column(0)
-  return str(ids[row].as_py())
-
-
-def _row_error(source: Source, row: int, message: str) -> ContractError:
-  try:
-    which = f"row {row} (example_id {_example_id(source, row)!r})"
-  except Exception:  # the message matters more than the id
-    which = f"row {row}"
-  return ContractError(f"{source.path}: {which}: {message}")
-
-
-def score_matrix(source: Source, array: pa.Array, row0: int) -> np.ndarray:
-  """The scores of one chunk as float32 [n, K]; null rows, null values and rows of another length are
-  errors naming the row."""
-  n, k, name = len(array), source.num_classes, source.score
-  if array.null_count:
-    raise _row_error(source, row0 + _first_null(array), f"{name!r} is null")
-  if pa.types.is_fixed_size_list(array.type):
-    values = array.values.slice(array.offset * k, n * k)
-  else:
-    offsets = np.asarray(array.offsets)
-    bad = np.flatnonzero(np.diff(offsets) != k)
-    if bad.size:
-      row = int(bad[0])
-      raise _row_error(source, row0 + row, f"{name!r} has {offsets[row + 1] - offsets[row]} classes, "
-                                           f"row 0 has {k}")
-    values = array.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
-  if values.null_count:
-    raise _row_error(source, row0 + _first_null(values) // k, f"{name!r} holds a null value")
-  x = values.to_numpy(zero_copy_only=False).reshape(n, k)
-  return x if x.dtype == np.float32 else x.astype(np.float32)
-
-
-def _labels(source: Source, array: pa.Array, row0: int) -> np.ndarray:
-  if array.null_count:
-    raise _row_error(source, row0 + _first_null(array), "label is null")
-  labels = array.to_numpy(zero_copy_only=False).astype(np.int64)
-  bad = np.flatnonzero((labels < 0) | (labels >= source.num_classes))
-  if bad.size:
-    row = int(bad[0])
-    raise _row_error(source, row0 + row, f"label {labels[row]} is outside [0, {source.num_classes})")
-  return labels
 
 
 # ---------------------------------------------------------------- one chunk
@@ -292,7 +93,7 @@ def top_label(source: Source, x: np.ndarray, row0: int, scratch: np.ndarray, fla
   top, low = x.max(axis=1), x.min(axis=1)  # max and min propagate NaN
   bad = np.flatnonzero(~(np.isfinite(top) & np.isfinite(low)))
   if bad.size:
-    raise _row_error(source, row0 + int(bad[0]), f"{source.score!r} holds NaN or Inf")
+    raise row_error(source, row0 + int(bad[0]), f"{source.score!r} holds NaN or Inf")
   if source.score == "probs":
     _check_probs(source, x, low, top, row0)
     # numpy's argmax copies a read-only array (as Arrow's are) first: comparing with the maximum is cheaper.
@@ -330,11 +131,11 @@ def chunk_stats(source: Source, x: np.ndarray, d: np.ndarray, labels: np.ndarray
 def _check_probs(source: Source, x: np.ndarray, low: np.ndarray, top: np.ndarray, row0: int) -> None:
   bad = np.flatnonzero((low < 0) | (top > 1 + 1e-6))
   if bad.size:
-    raise _row_error(source, row0 + int(bad[0]), "'probs' holds a value outside [0, 1]")
+    raise row_error(source, row0 + int(bad[0]), "'probs' holds a value outside [0, 1]")
   total = x.sum(axis=1, dtype=np.float64)
   bad = np.flatnonzero(np.abs(total - 1) > 1e-3)
   if bad.size:
-    raise _row_error(source, row0 + int(bad[0]), f"'probs' sums to {total[bad[0]]:.6g}, not 1")
+    raise row_error(source, row0 + int(bad[0]), f"'probs' sums to {total[bad[0]]:.6g}, not 1")
 
 
 def shifted_log_scores(source: Source, x: np.ndarray, top: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -604,31 +405,22 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
   confidence, correct = np.empty(n), np.empty(n, bool)
   top, gap_label = np.empty(n, np.float32), np.empty(n)
   # The shifted scores of the fit rows (for the Newton passes) and of the held-out rows (to apply the fitted
-  # temperature). Beyond the budget they go to a temporary file written with O_DIRECT; where that is not
-  # possible the held-out rows are decoded from the input again (evaluators/rowstore.py: cheaper than
-  # writing gigabytes through the page cache).
-  store = RowStore(k, store_budget_bytes)
-  held_store = RowStore(k, min(store_budget_bytes, HELD_MEMORY_BYTES), buffered_spill=False)
-  scratch = np.empty((max(1, CHUNK_FLOATS // k), k), np.float32)
+  # temperature), kept from this pass; held-out rows that cannot be kept are decoded again.
+  kept = TemperatureRows(source, fit, store_budget_bytes)
+  scratch = np.empty((source.rows_per_chunk, k), np.float32)
   flags = np.empty(scratch.shape, bool)
   try:
-    for row0, batch in _chunks(source, ["label", source.score]):
-      x = score_matrix(source, batch.column(1), row0)
-      labels = _labels(source, batch.column(0), row0)
+    for row0, batch in prediction_stream.chunks(source, ["label", source.score]):
+      x = prediction_stream.score_matrix(source, batch.column(1), row0)
+      labels = prediction_stream.label_vector(source, batch.column(0), row0)
       rows = slice(row0, row0 + len(x))
       d, chunk_top, pred = top_label(source, x, row0, scratch, flags)
-      fit_here = fit[rows]
-      store.append(d, np.flatnonzero(fit_here))
-      if held_store.ok:
-        held_store.append(d, np.flatnonzero(~fit_here))
+      kept.append(d, row0)  # before chunk_stats, which turns d into exp(d) for logits
       stats = chunk_stats(source, x, d, labels, chunk_top, pred)
       acc.add(stats, labels, [codes[rows] for codes in kinds], flags)
       confidence[rows], correct[rows], top[rows], gap_label[rows] = (stats.confidence, stats.correct, stats.top,
                                                                    stats.gap_label)
-    store.finish(), held_store.finish()  # the last blocks are written now: `ok` is final only after this
-    if not store.ok:
-      raise ContractError(f"{path}: cannot keep the temperature fit rows in a temporary file "
-                          f"({store.spill.error})")
+    kept.finish()
     log(f"calibrate: pass 1 (decode, single-pass metrics, rows kept for the temperature): "
         f"{time.perf_counter() - clock:.1f} s for {n} rows x {k} classes")
     clock = time.perf_counter()
@@ -637,13 +429,12 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
     result.update({key: overall[key] for key in ("accuracy", "nll", "brier", "ece")})
     result["ece_equal_mass"] = metrics.equal_mass_calibration_error(confidence, correct)
     result.update({key: overall[key] for key in ("rms_ce", "classwise_ece")})
-    temperature = _fit(store, gap_label[fit], k)
+    temperature = _fit(kept, gap_label[fit], source.rows_per_chunk)
     log(f"calibrate: temperature {temperature:.4g} fitted on {int(fit.sum())} rows "
-        f"({store.spilled} spill): {time.perf_counter() - clock:.1f} s")
+        f"({kept.fit.spilled} spill): {time.perf_counter() - clock:.1f} s")
     clock = time.perf_counter()
     result["temperature"] = temperature
-    scaled = _held_out_scaled(source, held, held_store if held_store.ok else None, top, gap_label, correct,
-                              temperature) if held.any() else None
+    scaled = _held_out_scaled(source, held, kept, top, gap_label, correct, temperature) if held.any() else None
     result["ece_temperature_scaled"] = scaled["after"]["ece"] if scaled else None
     held_metrics = acc.group_metrics(held_group)
     result["temperature_fit"] = {
@@ -652,7 +443,7 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
         "held_out_before": ({key: held_metrics[key] for key in ("ece", "nll", "reliability")}
                             if scaled else None),
         "held_out_after": scaled["after"] if scaled else None}
-    how = f"kept ({held_store.spilled} spill)" if held_store.ok else "decoded again"
+    how = f"kept ({kept.held.spilled} spill)" if kept.held_kept else "decoded again"
     log(f"calibrate: held-out rows at T ({how}): {time.perf_counter() - clock:.1f} s")
     clock = time.perf_counter()
     result["bootstrap"] = bootstrap_intervals(confidence, correct)
@@ -674,27 +465,25 @@ def analyse(path: str, store_budget_bytes: int = STORE_BUDGET_BYTES, log=lambda 
         f"{time.perf_counter() - clock:.1f} s")
     return result
   finally:
-    store.close()
-    held_store.close()
+    kept.close()
 
 
-def _fit(store: RowStore, gap_label: np.ndarray, k: int) -> float:
-  rows_per_chunk = max(1, CHUNK_FLOATS // k)
+def _fit(kept: TemperatureRows, gap_label: np.ndarray, rows_per_chunk: int) -> float:
+  store = kept.fit
   # A start close to the optimum, from a subsample, keeps the passes over all fit rows to two or three.
-  sample = store.head(max(1, (1 << 23) // k))
+  sample = store.head(max(1, (1 << 23) // store.k))
   start = fit_temperature(lambda: [sample], gap_label[:len(sample)]) if store.rows > len(sample) else 1.0
   return fit_temperature(lambda: store.chunks(rows_per_chunk), gap_label, 1.0 / start)
 
 
-def _held_out_scaled(source: Source, held: np.ndarray, held_store: RowStore | None, top: np.ndarray,
+def _held_out_scaled(source: Source, held: np.ndarray, kept: TemperatureRows, top: np.ndarray,
                      gap_label: np.ndarray, correct: np.ndarray, temperature: float) -> dict:
   """Top-label confidence and NLL of softmax(z / T) on the held-out rows, from their kept shifted scores (or,
   when they were not kept, from a second read of the file)."""
   beta = np.float32(1.0 / temperature)
-  rows_per_chunk = max(1, CHUNK_FLOATS // source.num_classes)
-  scratch = np.empty(rows_per_chunk * source.num_classes, np.float32)
+  scratch = np.empty(source.rows_per_chunk * source.num_classes, np.float32)
   conf_scaled, nll, done = np.empty(int(held.sum())), 0.0, 0
-  for rows, d in _held_chunks(source, held, held_store, top, scratch, rows_per_chunk):
+  for rows, d in _held_chunks(source, held, kept, top, scratch):
     if scratch.size < d.size:
       scratch = np.empty(d.size, np.float32)
     e = np.multiply(d, beta, out=scratch[:d.size].reshape(d.shape))
@@ -711,18 +500,14 @@ def _held_out_scaled(source: Source, held: np.ndarray, held_store: RowStore | No
                     "reliability": metrics.reliability_from_sums(*sums, np.linspace(0, 1, NUM_BINS + 1))}}
 
 
-def _held_chunks(source: Source, held: np.ndarray, held_store: RowStore | None, top: np.ndarray,
-                 scratch: np.ndarray, rows_per_chunk: int):
+def _held_chunks(source: Source, held: np.ndarray, kept: TemperatureRows, top: np.ndarray, scratch: np.ndarray):
   """(row numbers, shifted scores d of those rows): the kept held-out rows, or whole chunks of a second read
   of the file (every row is computed and the held-out ones kept: cheaper than copying them out)."""
-  if held_store is not None:
-    index, done = np.flatnonzero(held), 0
-    for d in held_store.chunks(rows_per_chunk):
-      yield index[done:done + len(d)], d
-      done += len(d)
+  if kept.held_kept:
+    yield from kept.held_chunks(source.rows_per_chunk)
     return
-  for row0, batch in _chunks(source, [source.score]):
-    x = score_matrix(source, batch.column(0), row0)
+  for row0, batch in prediction_stream.chunks(source, [source.score]):
+    x = prediction_stream.score_matrix(source, batch.column(0), row0)
     rows = np.arange(row0, row0 + len(x))
     if held[rows].any():
       yield rows, shifted_log_scores(source, x, top[rows], scratch.reshape(-1, source.num_classes))

@@ -1,17 +1,16 @@
 """float32 rows of width K kept for a later pass: in memory up to a budget, the rest in a temporary file.
 
-The file is written and read with O_DIRECT (Linux) when the temporary directory allows it. Measured on the
-2-core dev machine (ext4 on a virtio disk): writing 3.4 GB through the page cache cost 7 s of system time
-(dirty-page throttling), more than decoding the Parquet input again (about 1 CPU s per GB); with O_DIRECT the
-same write cost 0.15 CPU s (2 s wall, on a writer thread) and reading it back 0.16 CPU s (3 s wall, read ahead
-by a thread). Without O_DIRECT, `RowStore(..., buffered_spill=False)` reports `ok == False` once the rows
-outgrow the budget, so that its user can decode the input again instead.
+The file is written and read with O_DIRECT (Linux; schemas/direct_io.py) when the temporary directory allows
+it. Measured on the 2-core dev machine (ext4 on a virtio disk): writing 3.4 GB through the page cache cost 7 s
+of system time (dirty-page throttling), more than decoding the Parquet input again (about 1 CPU s per GB); with
+O_DIRECT the same write cost 0.15 CPU s (2 s wall, on a writer thread) and reading it back 0.16 CPU s (3 s
+wall, read ahead by a thread). Without O_DIRECT, `RowStore(..., buffered_spill=False)` reports `ok == False`
+once the rows outgrow the budget, so that its user can decode the input again instead.
 
 Memory: the budget plus DIRECT_BUFFERS page-aligned blocks of about DIRECT_BLOCK_BYTES.
 """
 
 import math
-import mmap
 import os
 import queue
 import shutil
@@ -20,15 +19,11 @@ import threading
 
 import numpy as np
 
+from schemas import direct_io
+
 DIRECT_BLOCK_BYTES = 1 << 23    # one O_DIRECT write / read
 DIRECT_BUFFERS = 3
-DIRECT_ALIGN = 4096             # offsets, lengths and addresses of O_DIRECT I/O are multiples of this
-_MAX_UNIT_BYTES = 1 << 26       # K so awkward that 4096-aligned blocks of whole rows would exceed 64 MB
-use_direct_io = True            # tests switch it off to exercise the fallbacks
-
-
-def _round_up(n: int, to: int) -> int:
-  return -(-n // to) * to
+_MAX_UNIT_BYTES = 1 << 26       # K so awkward that page-aligned blocks of whole rows would exceed 64 MB
 
 
 def _get(q: queue.Queue, stop: threading.Event):
@@ -43,45 +38,37 @@ def _get(q: queue.Queue, stop: threading.Event):
 class DirectSpill:
   """Rows appended to an unlinked temporary file opened with O_DIRECT, read back in order.
 
-  Rows are copied into page-aligned blocks of `block_rows` rows (a whole number of 4096-byte pages); a writer
-  thread writes full blocks, so `append` waits only when DIRECT_BUFFERS blocks are in flight. A failed write
-  (a full disk) sets `error`; later appends are dropped."""
+  Rows are copied into page-aligned blocks of `block_rows` rows (a whole number of pages) that a
+  direct_io.DirectWriter writes on its thread, so `append` waits only when DIRECT_BUFFERS blocks are in
+  flight. A failed write (a full disk) sets `error`; later appends are dropped."""
 
   def __init__(self, k: int, fd: int, block_rows: int):
     self.k, self.fd, self.block_rows = k, fd, block_rows
     self.block_bytes = block_rows * 4 * k
     self.rows = 0
     self.error: OSError | None = None
-    self.buffers = [mmap.mmap(-1, self.block_bytes) for _ in range(DIRECT_BUFFERS)]
+    self.buffers = direct_io.aligned_buffers(DIRECT_BUFFERS, self.block_bytes)
     self.arrays = [np.frombuffer(b, np.float32).reshape(block_rows, k) for b in self.buffers]
-    self.free: queue.Queue = queue.Queue()
-    for i in range(DIRECT_BUFFERS):
-      self.free.put(i)
-    self.pending: queue.Queue = queue.Queue()
-    self.current, self.filled, self.blocks_written = None, 0, 0
-    self.writer = threading.Thread(target=self._write_loop, daemon=True)
-    self.writer.start()
+    self.writer = direct_io.DirectWriter(fd, self.buffers)
     self.finished = False
 
   @classmethod
   def create(cls, k: int, directory: str | None = None) -> "DirectSpill | None":
     """None when O_DIRECT is unavailable (not Linux, a filesystem such as older tmpfs) or K is awkward."""
-    if not use_direct_io or not hasattr(os, "O_DIRECT"):
-      return None
-    unit = (DIRECT_ALIGN // 4) // math.gcd(k, DIRECT_ALIGN // 4)   # rows in the smallest whole-page block
+    unit = (direct_io.PAGE // 4) // math.gcd(k, direct_io.PAGE // 4)   # rows in the smallest whole-page block
     if unit * 4 * k > _MAX_UNIT_BYTES:
       return None
     block_rows = max(1, DIRECT_BLOCK_BYTES // (unit * 4 * k)) * unit
     handle, path = tempfile.mkstemp(prefix="patchflow-rows-", dir=directory)
     os.close(handle)
     try:
-      fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    except OSError:
-      return None
+      fd = direct_io.open_direct(path, os.O_RDWR)
     finally:
       os.unlink(path)  # the open descriptor keeps the data; nothing is left behind if the process dies
+    if fd is None:
+      return None
     try:  # some filesystems accept the flag and refuse the I/O
-      probe = mmap.mmap(-1, DIRECT_ALIGN)
+      probe = direct_io.aligned_buffers(1, direct_io.PAGE)[0]
       os.pwrite(fd, probe, 0)
       os.preadv(fd, [probe], 0)
     except OSError:
@@ -89,47 +76,31 @@ class DirectSpill:
       return None
     return cls(k, fd, block_rows)
 
-  def _write_loop(self) -> None:
-    while (item := self.pending.get()) is not None:
-      index, rows, block = item
-      if self.error is None:
-        try:
-          length = _round_up(rows * 4 * self.k, DIRECT_ALIGN)
-          written = os.pwrite(self.fd, memoryview(self.buffers[index])[:length], block * self.block_bytes)
-          if written != length:
-            raise OSError(f"short write ({written} of {length} bytes)")
-        except OSError as e:
-          self.error = e
-      self.free.put(index)
-
-  def _submit(self) -> None:
-    self.pending.put((self.current, self.filled, self.blocks_written))
-    self.blocks_written += 1
-    self.current = None
-
   def append(self, scores: np.ndarray, index: np.ndarray) -> None:
     """Appends the rows scores[index] (float32 [n, K], index ascending row numbers)."""
     done = 0
-    while done < len(index) and self.error is None:
-      if self.current is None:
-        self.current, self.filled = self.free.get(), 0
-      take = min(len(index) - done, self.block_rows - self.filled)
-      np.take(scores, index[done:done + take], axis=0, mode="clip",
-              out=self.arrays[self.current][self.filled:self.filled + take])
-      self.filled += take
-      self.rows += take
-      done += take
-      if self.filled == self.block_rows:
-        self._submit()
+    try:
+      while done < len(index) and self.error is None:
+        space = np.frombuffer(self.writer.free_space(), np.float32).reshape(-1, self.k)
+        take = min(len(index) - done, len(space))
+        np.take(scores, index[done:done + take], axis=0, mode="clip", out=space[:take])
+        self.rows += take
+        done += take
+        self.writer.filled(take * 4 * self.k)
+    except OSError as e:
+      self.error = e
 
   def finish(self) -> None:
     if self.finished:
       return
-    if self.current is not None and self.filled:
-      self._submit()
-    self.pending.put(None)
-    self.writer.join()
     self.finished = True
+    try:
+      if self.error is None:
+        self.writer.finish()
+    except OSError as e:
+      self.error = e
+    finally:
+      self.writer.stop()
 
   def chunks(self):
     """The rows in order, block by block; a thread reads ahead (at most DIRECT_BUFFERS blocks)."""
@@ -147,7 +118,7 @@ class DirectSpill:
         if index is None:
           return
         rows = min(self.block_rows, self.rows - block * self.block_rows)
-        length = _round_up(rows * 4 * self.k, DIRECT_ALIGN)
+        length = direct_io.round_up_to_pages(rows * 4 * self.k)
         try:
           got = os.preadv(self.fd, [memoryview(self.buffers[index])[:length]], block * self.block_bytes)
           if got < rows * 4 * self.k:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from beam_jobs import shard_file
+from schemas import direct_io
 
 BLOCK = shard_file.BLOCK_BYTES
 
@@ -63,7 +64,7 @@ def test_direct_and_buffered_files_hold_exactly_the_bytes_written(tmp_path, monk
   opened = _opened_direct(monkeypatch)
   assert _write(tmp_path / "direct", pieces, reserve) == expected
   assert opened == [True]  # ext4 under tmp_path takes O_DIRECT: the direct writer ran
-  monkeypatch.setattr(shard_file, "use_direct_io", False)
+  monkeypatch.setattr(direct_io, "use_direct_io", False)
   assert _write(tmp_path / "buffered", pieces, reserve) == expected
   assert opened == [True, False]
 
@@ -134,13 +135,6 @@ def test_an_error_in_the_writing_block_stops_without_writing_the_rest(tmp_path):
   # The first block went to disk before the error; the 100-byte tail did not: the temporary file is not whole,
   # which is why the job writes under a temporary name.
   assert os.path.getsize(tmp_path / "f") < BLOCK + 100
-
-
-def test_preallocate_reserves_a_local_file(tmp_path):
-  with open(tmp_path / "shard.tmp", "wb") as f:
-    assert shard_file.preallocate(f.fileno(), 1 << 20)  # Linux, a local file system with fallocate
-    assert os.fstat(f.fileno()).st_size == 1 << 20
-    assert not shard_file.preallocate(f.fileno(), 0)
 
 
 @pytest.mark.usefixtures("needs_o_direct")

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from evaluators import calibration
+from evaluators import calibration, prediction_stream
 from runner.cli import main
 from schemas.errors import ContractError
 
@@ -173,7 +173,7 @@ def test_without_a_val_split_a_seeded_fifth_of_rows_is_fitted(tmp_path):
   a, b = calibration.analyse(path), calibration.analyse(path)
   assert a["temperature_fit"]["num_fit"] == 20 and a["temperature_fit"]["num_held_out"] == 81
   assert a["temperature"] == b["temperature"] and a["bootstrap"] == b["bootstrap"]
-  mask, _ = calibration.fit_rows(calibration.open_predictions(path))
+  mask, _ = calibration.fit_rows(prediction_stream.open_predictions(path))
   t = a["temperature"]
   assert ref_nll(logits[mask], labels[mask], t) <= min(ref_nll(logits[mask], labels[mask], t * f)
                                                        for f in (0.995, 1.005))
@@ -184,9 +184,9 @@ def test_spilled_rows_and_a_second_read_give_the_same_results(tmp_path, monkeypa
   from evaluators import rowstore
   labels, logits = random_case(n=400, k=6, seed=3)
   path = write(tmp_path / "p.parquet", labels, logits, row_group_size=50)
-  monkeypatch.setattr(calibration, "CHUNK_FLOATS", 6 * 64)
+  monkeypatch.setattr(prediction_stream, "CHUNK_FLOATS", 6 * 64)
   in_memory = calibration.analyse(path)
-  monkeypatch.setattr(rowstore, "use_direct_io", direct_io)
+  monkeypatch.setattr("schemas.direct_io.use_direct_io", direct_io)
   if direct_io and rowstore.DirectSpill.create(6) is None:
     pytest.skip("no O_DIRECT in the temporary directory")
   logs = []
@@ -207,7 +207,7 @@ def test_a_held_out_spill_failing_on_its_last_block_falls_back_to_decoding_again
     pytest.skip("no O_DIRECT in the temporary directory")
   labels, logits = random_case(n=400, k=6, seed=3)
   path = write(tmp_path / "p.parquet", labels, logits, row_group_size=50)
-  monkeypatch.setattr(calibration, "CHUNK_FLOATS", 6 * 64)
+  monkeypatch.setattr(prediction_stream, "CHUNK_FLOATS", 6 * 64)
   in_memory = calibration.analyse(path)
   real_pwrite = os.pwrite
 
@@ -221,48 +221,6 @@ def test_a_held_out_spill_failing_on_its_last_block_falls_back_to_decoding_again
   result = calibration.analyse(path, store_budget_bytes=6 * 4 * 50, log=logs.append)
   assert "decoded again" in logs[2], logs
   assert result["ece_temperature_scaled"] == pytest.approx(in_memory["ece_temperature_scaled"], rel=1e-9)
-
-
-@pytest.mark.parametrize("k", [6, 1000, 1001])
-def test_direct_spill_gives_back_the_rows_in_order(k):
-  from evaluators import rowstore
-  spill = rowstore.DirectSpill.create(k)
-  if spill is None:
-    pytest.skip("no O_DIRECT in the temporary directory")
-  try:
-    rng = np.random.default_rng(k)
-    parts = [rng.standard_normal((n, k)).astype(np.float32) for n in (1, 700, spill.block_rows, 3)]
-    picks = [np.flatnonzero(rng.random(len(p)) < .7) for p in parts]
-    for part, pick in zip(parts, picks):
-      spill.append(part, pick)
-    back = np.concatenate([block.copy() for block in spill.chunks()])
-    np.testing.assert_array_equal(back, np.concatenate([p[i] for p, i in zip(parts, picks)]))
-    assert len(np.concatenate(list(spill.chunks()))) == len(back)  # read again, e.g. by a second Newton pass
-  finally:
-    spill.close()
-
-
-def test_row_store_head_and_memory_then_spill():
-  from evaluators import rowstore
-  store = rowstore.RowStore(3, budget_bytes=3 * 4 * 5)
-  rows = np.arange(36, dtype=np.float32).reshape(12, 3)
-  store.append(rows, np.arange(4))
-  store.append(rows, np.arange(4, 12))
-  try:
-    assert store.ok and store.rows == 12 and store.spilled in ("direct", "buffered")
-    np.testing.assert_array_equal(np.concatenate([c.copy() for c in store.chunks(2)]), rows)
-    np.testing.assert_array_equal(store.head(7), rows[:7])
-  finally:
-    store.close()
-  dropped = rowstore.RowStore(3, budget_bytes=3 * 4 * 5, buffered_spill=False)
-  rowstore_direct = rowstore.use_direct_io
-  rowstore.use_direct_io = False
-  try:
-    dropped.append(rows, np.arange(12))
-    assert not dropped.ok
-  finally:
-    rowstore.use_direct_io = rowstore_direct
-    dropped.close()
 
 
 def test_classwise_ece_at_bin_edges_and_one(tmp_path):
@@ -356,7 +314,7 @@ def test_streaming_many_row_groups_and_chunks_equals_one(tmp_path, monkeypatch):
   labels, logits = random_case(n=700, k=9, seed=6)
   split = ["val"] * 200 + ["test"] * 500
   one = calibration.analyse(write(tmp_path / "one.parquet", labels, logits, split=split))
-  monkeypatch.setattr(calibration, "CHUNK_FLOATS", 9 * 64)  # 64-row chunks
+  monkeypatch.setattr(prediction_stream, "CHUNK_FLOATS", 9 * 64)  # 64-row chunks
   many = calibration.analyse(write(tmp_path / "many.parquet", labels, logits, split=split, row_group_size=37))
   assert calibration.json_safe(one).keys() == calibration.json_safe(many).keys()
   for key in ("accuracy", "nll", "brier", "ece", "ece_equal_mass", "rms_ce", "classwise_ece", "temperature",
@@ -477,8 +435,8 @@ def test_gs_predictions_and_output_match_a_local_run(gcs_emulator, tmp_path, mon
                split=["val"] * 500 + ["test"] * 2500)
   gcs_emulator.bucket("patchflow-test").blob("preds/p.parquet").upload_from_filename(path)
   # Small chunks and range requests: the file streams from the emulator in many reads.
-  monkeypatch.setattr(calibration, "CHUNK_FLOATS", 40 * 256)
-  monkeypatch.setattr(calibration, "GCS_READ_BYTES", 256 * 1024)
+  monkeypatch.setattr(prediction_stream, "CHUNK_FLOATS", 40 * 256)
+  monkeypatch.setattr(prediction_stream, "GCS_READ_BYTES", 256 * 1024)
   requests = []
   from google.cloud.storage import Blob
   download = Blob.download_as_bytes
