@@ -608,7 +608,7 @@ def html_fragment(result: dict, pngs: dict[str, bytes]) -> str:
   fit = result["temperature_fit"]
   interval = lambda key: f"[{_number(boot[key][0])}, {_number(boot[key][1])}]"
   parts = [f"<p>{result['num_examples']} rows, {result['num_classes']} classes, scores from "
-           f"<code>{result['score_column']}</code>. Definitions: README, section Calibration.</p>"]
+           f"<code>{result['score_column']}</code>. Definitions: docs/calibration.md in the patchflow repository.</p>"]
   parts.append(_table(["metric", "value", "bootstrap 95%"], [
       ["accuracy", _number(result["accuracy"]), interval("accuracy")],
       ["NLL", _number(result["nll"]), ""], ["Brier", _number(result["brier"]), ""],
