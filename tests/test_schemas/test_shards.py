@@ -1,10 +1,9 @@
-import os
-
 import numpy as np
 import pytest
 
 from schemas.shards import PackedRecords, load_split
 from schemas.tfrecord import record_extents
+from tests.gcs import upload_to_gcs
 
 
 def test_records_read_in_any_order_equal_the_loaded_split(shard_dir):
@@ -60,14 +59,6 @@ def test_a_corrupt_length_header_is_an_error_naming_file_and_byte(shard_dir, tmp
     record_extents(first)
 
 
-def _upload(client, local_dir, prefix):
-  bucket = client.bucket("patchflow-test")
-  for folder, _, names in os.walk(local_dir):
-    for name in names:
-      path = os.path.join(folder, name)
-      bucket.blob(f"{prefix}/{os.path.relpath(path, local_dir)}").upload_from_filename(path)
-
-
 def test_missing_remote_dataset_is_a_clear_error(gcs_emulator):
   from schemas.errors import ContractError
   with pytest.raises(ContractError, match="gs://patchflow-test/nothing/dataset_info.json: not found"):
@@ -75,7 +66,7 @@ def test_missing_remote_dataset_is_a_clear_error(gcs_emulator):
 
 
 def test_remote_records_are_read_by_range_in_any_order(gcs_emulator, shard_dir):
-  _upload(gcs_emulator, shard_dir, "datasets/ranged")
+  upload_to_gcs(gcs_emulator, shard_dir, "datasets/ranged")
   local, remote = PackedRecords(str(shard_dir), "train"), PackedRecords("gs://patchflow-test/datasets/ranged", "train")
   order = [len(local) - 1, 0, 3, 3, 1]
   a, b = local.read(order), remote.read(order)
@@ -86,7 +77,7 @@ def test_remote_records_are_read_by_range_in_any_order(gcs_emulator, shard_dir):
 
 def test_a_remote_shard_replaced_while_in_use_is_an_error_not_other_bytes(gcs_emulator, shard_dir, monkeypatch):
   from google.cloud.storage import Blob
-  _upload(gcs_emulator, shard_dir, "datasets/replaced")
+  upload_to_gcs(gcs_emulator, shard_dir, "datasets/replaced")
   records = PackedRecords("gs://patchflow-test/datasets/replaced", "train")
   blob = gcs_emulator.bucket("patchflow-test").blob(records.paths[0][len("gs://patchflow-test/"):])
   pinned = gcs_emulator.bucket("patchflow-test").get_blob(blob.name).generation
