@@ -38,7 +38,8 @@ class ShardOptions:
   resolution_sampling: str = _option(
       "none", "none | uniform:LO:HI | loguniform:LO:HI (patch budget per example)", metavar="SPEC")
   token_drop: str = _option("none", "none | fixed:RATE | beta:A:B | resolution:LO:HI", metavar="SPEC")
-  video: bool = _option(False, "pack video records (lists of frame images or video files): adds patch_t, boxes")
+  video: bool = _option(False, "pack video records (lists of frame images or video files): adds patch_t, boxes "
+                               "and the tubelet fields")
   video_frames: int = _option(8, "frames sampled from a video file, evenly by frame index (all when it has fewer)")
   window_size: int = _option(65536, "examples per packing window")
   tokenizer: str = _option("", "SentencePiece model file for text tokens (default: byte-level)", metavar="MODEL")

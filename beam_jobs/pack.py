@@ -64,7 +64,7 @@ class PackWindow(beam.DoFn):
   """One window: duplicate ids resolved (the lowest line wins, the others are errors), unplannable winners
   become errors, then each split's examples are packed best-fit decreasing. Finished bins are assigned to
   shards; the examples of partly filled bins go to the tail pool of their split. Also emits the window's
-  largest label (for num_classes)."""
+  largest label, its tubelets' included (for num_classes)."""
 
   def __init__(self, options: ShardOptions):
     self._options = options
@@ -79,7 +79,9 @@ class PackWindow(beam.DoFn):
     max_label = -1
     for item in items:
       by_id.setdefault(item.id, []).append(item)
-      max_label = max(max_label, item.example.record.label)
+      record = item.example.record
+      max_label = max(max_label, -1 if record.label is None else record.label,
+                      *(tube.label for tube in record.tubelets or ()))
     yield beam.pvalue.TaggedOutput("labels", max_label)
     by_split: dict[str, list[Planned]] = {}
     for rid in sorted(by_id):

@@ -22,6 +22,7 @@ from beam_jobs import video as video_lib
 from beam_jobs.options import ShardOptions
 from beam_jobs.runtime import NAMESPACE, Progress, to_blob
 from beam_jobs.sources import SourceExample
+from schemas.manifest import tubelet_frame_error
 
 PLAN_BATCH = 1024  # plans per element after planning
 
@@ -141,8 +142,12 @@ def _plan_video_file(example: SourceExample, options: ShardOptions) -> Planned:
     total, height, width = video_lib.probe(data)
   except Exception as e:  # noqa: BLE001
     raise video_error(example.locations[0], e) from None
+  record = example.record
+  error = tubelet_frame_error(record.tubelets, total) if record.tubelets else None
+  if error:  # the manifest parser checks a frame list's tubelets; a file's frames are counted only here
+    raise ExampleError("invalid_record", f"line {record.line} (id {record.id!r}): {error}")
   frames = len(video_lib.sample_indices(total, options.video_frames))
-  _check_frame_count(example.record, frames, options)
+  _check_frame_count(record, frames, options)
   return dataclasses.replace(_plan_grid(example, options, height, width, frames), source_frames=total)
 
 

@@ -24,7 +24,8 @@ from beam_jobs.plan import ExampleError, Planned, decode_error, is_local, read_l
 from beam_jobs.runtime import NAMESPACE, Progress, from_blob
 from beam_jobs.sources import error_row
 from schemas import tfrecord
-from schemas.packed import PackedSpec
+from schemas.manifest import Tubelet
+from schemas.packed import NO_CLIP_LABEL, TUBELET_FIELDS, PackedSpec
 
 REMOTE_READ_THREADS = 16
 
@@ -57,7 +58,7 @@ class WriteShard(beam.DoFn):
     buckets = token_buckets(opts.seq_len)
     stats = {"path": rel, "split": split, "num_sequences": 0, "num_images": 0, "num_tokens": 0,
              "tokens_dropped": 0, "text_tokens_truncated": 0, "tokens_per_image": [0] * len(buckets),
-             "images_per_sequence": [0] * (opts.max_images + 1)}
+             "images_per_sequence": [0] * (opts.max_images + 1), "max_frames": 0, "max_actors": 0}
     digest = hashlib.sha256()
     ordered = [(h, [planned for _, planned in sorted(bins[h], key=lambda sp: sp[0])]) for h in sorted(bins)]
     with shard_file.create(tmp, is_local(tmp), len(ordered) * record_bytes_bound(spec)) as f:
@@ -90,6 +91,8 @@ class WriteShard(beam.DoFn):
           stats["num_tokens"] += len(ex["patches"])
           stats["tokens_dropped"] += ex["dropped"]
           stats["tokens_per_image"][len(ex["patches"]).bit_length() - 1] += 1
+          stats["max_frames"] = max(stats["max_frames"], ex["frames"])
+          stats["max_actors"] = max(stats["max_actors"], len(ex["tube_labels"]))
         self._images.inc(len(examples))
         self._sequences.inc()
         self._progress.add(len(examples))
@@ -180,8 +183,36 @@ def render_example(planned: Planned, options: ShardOptions, frames: list[bytes] 
   record = planned.example.record
   text = text_lib.tokenize(record.text, options.tokenizer) if options.text_len and record.text else None
   boxes = np.asarray(record.boxes or np.zeros((0, 4)), dtype="<f4").reshape(-1, 4)
-  return {"id": record.id, "label": record.label, "patches": out[:len(kept)], "yx": yx, "t": t,
-          "grid": (rows, cols), "text_tokens": text, "boxes": boxes, "dropped": total - len(kept)}
+  frame_t = np.asarray(source_frame_indices(planned, options), "<i4")
+  tube_labels, tube_boxes, tube_present = tubelets_at_frames(record.tubelets or (), frame_t)
+  return {"id": record.id, "label": NO_CLIP_LABEL if record.label is None else record.label,
+          "patches": out[:len(kept)], "yx": yx, "t": t, "grid": (rows, cols), "text_tokens": text, "boxes": boxes,
+          "frames": planned.frames, "frame_t": frame_t, "tube_labels": tube_labels, "tube_boxes": tube_boxes,
+          "tube_present": tube_present, "dropped": total - len(kept)}
+
+
+def source_frame_indices(planned: Planned, options: ShardOptions) -> list[int]:
+  """The source clip's frame index t of each frame packed: the sampled frames of a video file, every frame of a
+  frame list; none for an image."""
+  if planned.source_frames:
+    return video_lib.sample_indices(planned.source_frames, options.video_frames)
+  return list(range(planned.frames)) if planned.example.record.video is not None else []
+
+
+def tubelets_at_frames(tubelets: tuple[Tubelet, ...], frame_t: np.ndarray):
+  """Each actor's label (int32 [A]), its box at each packed frame (float32 [A, F, 4], zeros where it has
+  none) and where it has one (uint8 [A, F]): a box goes to the frame whose source index is its t, exactly, and
+  boxes on frames that were not sampled are left out."""
+  frame_of = {int(t): f for f, t in enumerate(frame_t)}
+  labels = np.array([tube.label for tube in tubelets], "<i4")
+  boxes = np.zeros((len(tubelets), len(frame_t), 4), "<f4")
+  present = np.zeros((len(tubelets), len(frame_t)), np.uint8)
+  for a, tube in enumerate(tubelets):
+    for t, *box in tube.boxes:
+      if t in frame_of:
+        boxes[a, frame_of[t]] = box
+        present[a, frame_of[t]] = 1
+  return labels, boxes, present
 
 
 def sequence_fields(examples: list[dict[str, Any]], spec: PackedSpec,
@@ -202,6 +233,8 @@ def sequence_fields(examples: list[dict[str, Any]], spec: PackedSpec,
     if spec.video:
       out["patch_t"][pos:pos + n] = ex["t"]
       out["boxes"][slot] = ex["boxes"].tobytes()
+      for name in TUBELET_FIELDS:
+        out[name][slot] = ex[name].tobytes()
     out["segment_ids"][pos:pos + n] = slot + 1
     out["image_grid"][slot] = ex["grid"]
     out["labels"][slot] = ex["label"]

@@ -19,7 +19,10 @@ def validate_dataset_info(info: dict[str, Any], where: str = FILENAME) -> dict[s
   missing = [k for k in REQUIRED_KEYS if k not in info]
   if missing:
     raise ContractError(f"{where}: missing key {missing[0]!r}")
-  check_fingerprint(info["fingerprint"], where)
+  version = check_fingerprint(info["fingerprint"], where)
+  if info["schema_version"] != version:
+    raise ContractError(f"{where}: key 'schema_version' is {info['schema_version']!r}, but fingerprint "
+                        f"{info['fingerprint']!r} is schema version {version}")
   for key in ("seq_len", "patch_size", "max_images", "num_classes"):
     if not isinstance(info[key], int) or info[key] < 1:
       raise ContractError(f"{where}: key {key!r} must be a positive int, got {info[key]!r}")
@@ -41,8 +44,10 @@ def read_dataset_info(shard_dir: str) -> dict[str, Any]:
 
 
 def packed_spec(info: dict[str, Any]) -> PackedSpec:
+  """The fields of the shards described, as their schema version had them."""
   return PackedSpec(seq_len=info["seq_len"], patch_size=info["patch_size"], max_images=info["max_images"],
-                    text_len=info.get("text_len", 0), video=info.get("video", False))
+                    text_len=info.get("text_len", 0), video=info.get("video", False),
+                    version=info["schema_version"])
 
 
 def split_shard_paths(shard_dir: str, info: dict[str, Any], split: str) -> list[str]:

@@ -1,28 +1,42 @@
-"""Manifest records (JSONL, one source example per line): the v1 contract of DESIGN.md."""
+"""Manifest records (JSONL, one source example per line): the contract of DESIGN.md ("Contracts")."""
 
 import dataclasses
 import json
+import math
 from typing import Any, Iterator
 
 from schemas.errors import ContractError
 
 DEFAULT_SPLIT = "train"
-_KNOWN_FIELDS = {"id", "image", "video", "text", "label", "boxes", "split"}
+_KNOWN_FIELDS = {"id", "image", "video", "text", "label", "boxes", "tubelets", "split"}
+_TUBELET_FIELDS = {"label", "boxes"}
+_NUMBER_TYPES = {int, float}  # exact types: a JSON true/false (bool) is not a number here
+
+
+@dataclasses.dataclass(frozen=True)
+class Tubelet:
+  """One actor of a clip (STAR): its class and its boxes (t, ymin, xmin, ymax, xmax), t the frame index in the
+  source clip and the coordinates normalised to [0, 1]; in manifest order, each t at most once."""
+  label: int
+  boxes: tuple[tuple[int, float, float, float, float], ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class ManifestRecord:
   id: str
-  label: int
+  label: int | None  # None only beside `tubelets`: a localisation clip need not have one label
   image: str | None = None
   video: tuple[str, ...] | str | None = None
   text: str | None = None
   boxes: tuple[tuple[float, ...], ...] | None = None
+  tubelets: tuple[Tubelet, ...] | None = None
   split: str = DEFAULT_SPLIT
   line: int = 0  # 1-based line in the manifest, so later errors can point back at it.
 
   def to_json(self) -> dict[str, Any]:
-    out = {"id": self.id, "label": self.label, "split": self.split}
+    out = {"id": self.id, "split": self.split}
+    if self.label is not None:
+      out["label"] = self.label
     if self.image is not None:
       out["image"] = self.image
     if self.video is not None:
@@ -31,6 +45,8 @@ class ManifestRecord:
       out["text"] = self.text
     if self.boxes is not None:
       out["boxes"] = [list(b) for b in self.boxes]
+    if self.tubelets is not None:
+      out["tubelets"] = [{"label": tube.label, "boxes": [list(b) for b in tube.boxes]} for tube in self.tubelets]
     return out
 
 
@@ -63,13 +79,18 @@ def parse_manifest_line(text: str, line: int, source: str = "manifest",
       video = tuple(video)
     elif not isinstance(video, str) or not video:
       raise ContractError(f"{where}: field 'video' must be a path or a list of frame paths")
+  tubelets = obj.get("tubelets")
+  if tubelets is not None:
+    if video is None:
+      raise ContractError(f"{where}: field 'tubelets' needs field 'video' (a tubelet is boxes over a clip's frames)")
+    tubelets = _parse_tubelets(tubelets, where, class_names)
+    if isinstance(video, tuple):  # a frame list's length is known here; a video file's once planning counts it
+      error = tubelet_frame_error(tubelets, len(video))
+      if error:
+        raise ContractError(f"{where}: {error}")
   label = obj.get("label")
-  if isinstance(label, str):
-    if label not in class_names:
-      raise ContractError(f"{where}: field 'label' names unknown class {label!r}")
-    label = class_names.index(label)
-  if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-    raise ContractError(f"{where}: field 'label' must be a non-negative int or a class name")
+  if label is not None or tubelets is None:
+    label = _class_id(label, "field 'label'", where, class_names)
   text_field = obj.get("text")
   if text_field is not None and not isinstance(text_field, str):
     raise ContractError(f"{where}: field 'text' must be a string")
@@ -83,7 +104,79 @@ def parse_manifest_line(text: str, line: int, source: str = "manifest",
   if not isinstance(split, str) or not split or "/" in split:
     raise ContractError(f"{where}: field 'split' must be a non-empty string without '/'")
   return ManifestRecord(id=rid, label=label, image=image, video=video, text=text_field,
-                        boxes=boxes, split=split, line=line)
+                        boxes=boxes, tubelets=tubelets, split=split, line=line)
+
+
+def _class_id(value, field: str, where: str, class_names: tuple[str, ...]) -> int:
+  """A label: a non-negative int, or a class name of classes.json."""
+  if isinstance(value, str):
+    if value not in class_names:
+      raise ContractError(f"{where}: {field} names unknown class {value!r}")
+    return class_names.index(value)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ContractError(f"{where}: {field} must be a non-negative int or a class name")
+  return value
+
+
+def _parse_tubelets(value, where: str, class_names: tuple[str, ...]) -> tuple[Tubelet, ...]:
+  """`tubelets`: a list (empty for a clip without actors) of {"label", "boxes"}, each with at least one box."""
+  if not isinstance(value, list):
+    raise ContractError(f"{where}: field 'tubelets' must be a list of {{\"label\", \"boxes\"}} objects")
+  tubelets = []
+  for i, tube in enumerate(value):
+    at = f"field 'tubelets': tubelet {i}"
+    if not isinstance(tube, dict):
+      raise ContractError(f"{where}: {at} must be an object with 'label' and 'boxes', got {tube!r}")
+    unknown, missing = sorted(set(tube) - _TUBELET_FIELDS), sorted(_TUBELET_FIELDS - set(tube))
+    if unknown:
+      raise ContractError(f"{where}: {at}: unknown key {unknown[0]!r} (known: {sorted(_TUBELET_FIELDS)})")
+    if missing:
+      raise ContractError(f"{where}: {at}: missing key {missing[0]!r}")
+    label = _class_id(tube["label"], f"{at}: 'label'", where, class_names)
+    if not isinstance(tube["boxes"], list) or not tube["boxes"]:
+      raise ContractError(f"{where}: {at}: 'boxes' must be a non-empty list of [t, ymin, xmin, ymax, xmax]")
+    boxes, frames = [], set()
+    for k, box in enumerate(tube["boxes"]):
+      problem = _box_problem(box)
+      if problem is None and box[0] in frames:
+        problem = f"frame {int(box[0])} appears twice in the tubelet"
+      if problem is not None:
+        raise ContractError(f"{where}: {at}: box {k}: {problem}")
+      frames.add(int(box[0]))
+      boxes.append((int(box[0]), *(float(v) for v in box[1:])))
+    tubelets.append(Tubelet(label, tuple(boxes)))
+  return tuple(tubelets)
+
+
+def _box_problem(box) -> str | None:
+  """What is wrong with one [t, ymin, xmin, ymax, xmax] of a tubelet, or None (the rules of the localisation
+  evaluator's tube files: t a non-negative integer, 3.0 counting as 3; 0 <= ymin <= ymax <= 1, the same in x)."""
+  if not isinstance(box, list) or len(box) != 5 or not all(type(v) in _NUMBER_TYPES for v in box):
+    return f"not 5 numbers [t, ymin, xmin, ymax, xmax], got {box!r}"
+  t, *coords = box
+  if any(isinstance(v, float) and not math.isfinite(v) for v in box):
+    return "holds NaN or Infinity"
+  if t < 0 or t != math.floor(t):
+    return f"frame t = {t!r} is not a non-negative integer"
+  if not all(0 <= v <= 1 for v in coords):
+    return f"coordinates {coords} not all in [0, 1]"
+  ymin, xmin, ymax, xmax = coords
+  if ymin > ymax:
+    return f"ymin {ymin!r} > ymax {ymax!r}"
+  if xmin > xmax:
+    return f"xmin {xmin!r} > xmax {xmax!r}"
+  return None
+
+
+def tubelet_frame_error(tubelets: tuple[Tubelet, ...], frames: int) -> str | None:
+  """The first box whose t is not a frame of a clip of `frames` frames, as "field 'tubelets': tubelet i: box k:
+  ..." (the manifest parser checks frame lists, planning video files), or None."""
+  for i, tube in enumerate(tubelets):
+    for k, box in enumerate(tube.boxes):
+      if box[0] >= frames:
+        return (f"field 'tubelets': tubelet {i}: box {k}: frame t = {box[0]} is not in the clip, whose "
+                f"{frames} frames are t = 0..{frames - 1}")
+  return None
 
 
 def iter_manifest_lines(path: str) -> Iterator[tuple[int, str]]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from schemas.errors import ContractError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # name -> (dtype, symbolic shape). L = seq_len, P = patch_size**2 * 3, M = max_images, T = text_len.
 # `bytes` fields hold one string per slot; `uint8` arrays are stored as one raw bytes value.
@@ -24,24 +24,47 @@ _FIELDS: dict[str, tuple[str, tuple[str | int, ...]]] = {
     "labels": ("int32", ("M",)),
     "example_ids": ("bytes", ("M",)),
     "boxes": ("bytes", ("M",)),
+    "frame_t": ("bytes", ("M",)),
+    "tube_labels": ("bytes", ("M",)),
+    "tube_boxes": ("bytes", ("M",)),
+    "tube_present": ("bytes", ("M",)),
     "text_tokens": ("int32", ("T",)),
     "text_segment_ids": ("int32", ("T",)),
 }
-# Video datasets: `patch_t` (frame of each patch) and `boxes` (per slot, the example's boxes as float32
-# little-endian [K, 4] ymin, xmin, ymax, xmax bytes; for a video, its tubelet: one box per frame).
-_VIDEO_FIELDS = {"patch_t", "boxes"}
+# Video datasets: `patch_t` (the sampled frame of each patch) and, per slot, little-endian bytes: `boxes`
+# (float32 [K, 4] ymin, xmin, ymax, xmax: the record's `boxes`, for a video one per frame), `frame_t` (int32 [F]:
+# the source clip's frame index t of each of the slot's F sampled frames), `tube_labels` (int32 [A]: the class of
+# each of its A tubelets), `tube_boxes` (float32 [A, F, 4]: each actor's box at each sampled frame, zeros where
+# it has none) and `tube_present` (uint8 [A, F]: 1 where it has one). Empty bytes where a slot has none (an image
+# has no frame_t; a record without tubelets has A = 0).
+TUBELET_FIELDS = ("frame_t", "tube_labels", "tube_boxes", "tube_present")
+_VIDEO_FIELDS = {"patch_t", "boxes", *TUBELET_FIELDS}
 _TEXT_FIELDS = {"text_tokens", "text_segment_ids"}
+# The schema version that added each field; the others are version 1's.
+_ADDED_IN = {name: 2 for name in TUBELET_FIELDS}
+
+EMPTY_SLOT_LABEL = -1  # `labels` of a slot without an example
+NO_CLIP_LABEL = -2     # `labels` of a clip whose record has tubelets and no `label`: filled, but not classified
 
 
-def _fingerprint(fields: dict) -> str:
-  return hashlib.sha256(json.dumps({"version": SCHEMA_VERSION, "fields": fields}, sort_keys=True).encode()
+def _fields_of_version(version: int) -> dict[str, tuple[str, tuple[str | int, ...]]]:
+  return {name: field for name, field in _FIELDS.items() if _ADDED_IN.get(name, 1) <= version}
+
+
+def _fingerprint(version: int, fields: dict) -> str:
+  return hashlib.sha256(json.dumps({"version": version, "fields": fields}, sort_keys=True).encode()
                         ).hexdigest()[:16]
 
 
-FINGERPRINT = _fingerprint(_FIELDS)
-# The spine's field table had no `boxes`; its image-only shards have exactly today's layout and stay readable.
-_SPINE_FINGERPRINT = _fingerprint({k: v for k, v in _FIELDS.items() if k != "boxes"})
-KNOWN_FINGERPRINTS = frozenset({FINGERPRINT, _SPINE_FINGERPRINT})
+FINGERPRINT = _fingerprint(SCHEMA_VERSION, _fields_of_version(SCHEMA_VERSION))
+# fingerprint -> the schema version of its field table. Readers keep every version they knew: the spine's table
+# had no `boxes` (its image-only shards have exactly version 1's layout), and version 1 had no tubelet fields.
+_VERSIONS = {
+    FINGERPRINT: SCHEMA_VERSION,
+    _fingerprint(1, _fields_of_version(1)): 1,
+    _fingerprint(1, {k: v for k, v in _fields_of_version(1).items() if k != "boxes"}): 1,
+}
+KNOWN_FINGERPRINTS = frozenset(_VERSIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +75,14 @@ class PackedSpec:
   max_images: int
   text_len: int = 0
   video: bool = False
+  version: int = SCHEMA_VERSION  # shards of an earlier version have its fields (`schema_version`)
 
   def __post_init__(self):
     for name in ("seq_len", "patch_size", "max_images"):
       if getattr(self, name) < 1:
         raise ContractError(f"packed spec: field {name!r} must be >= 1, got {getattr(self, name)}")
+    if self.version not in _VERSIONS.values():
+      raise ContractError(f"packed spec: unknown schema version {self.version}")
     if self.text_len < 0:
       raise ContractError(f"packed spec: field 'text_len' must be >= 0, got {self.text_len}")
 
@@ -78,7 +104,7 @@ class PackedSpec:
       if dtype == "bytes":
         out[name] = np.array([b""] * shape[0], dtype=object)
       else:
-        out[name] = np.full(shape, -1 if name == "labels" else 0, dtype=dtype)
+        out[name] = np.full(shape, EMPTY_SLOT_LABEL if name == "labels" else 0, dtype=dtype)
     return out
 
   def tf_feature_spec(self) -> dict[str, Any]:
@@ -117,7 +143,8 @@ class PackedSpec:
       for size in reversed(shape):
         t = pa.list_(t, size)
       pa_fields.append(pa.field(name, t, nullable=False))
-    return pa.schema(pa_fields, metadata={"schema_version": str(SCHEMA_VERSION), "fingerprint": FINGERPRINT})
+    return pa.schema(pa_fields, metadata={"schema_version": str(self.version),
+                                          "fingerprint": _fingerprint(self.version, _fields_of_version(self.version))})
 
   def validate(self, example: dict[str, np.ndarray], where: str = "example") -> None:
     fields = self.fields()
@@ -148,18 +175,21 @@ class PackedSpec:
     return proto.SerializeToString(deterministic=True)
 
 
-def check_fingerprint(fingerprint: str, where: str) -> None:
+def check_fingerprint(fingerprint: str, where: str) -> int:
+  """The schema version of shards with this fingerprint; ContractError for a fingerprint this patchflow does
+  not know."""
   if fingerprint not in KNOWN_FINGERPRINTS:
     raise ContractError(
         f"{where}: schema fingerprint {fingerprint!r} is unknown to this patchflow "
         f"(known: {sorted(KNOWN_FINGERPRINTS)}); rebuild the shards with this version")
+  return _VERSIONS[fingerprint]
 
 
 @functools.lru_cache(maxsize=64)
 def _field_shapes(spec: PackedSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
   sizes = {"L": spec.seq_len, "P": spec.patch_dim, "M": spec.max_images, "T": spec.text_len}
   out = {}
-  for name, (dtype, shape) in _FIELDS.items():
+  for name, (dtype, shape) in _fields_of_version(spec.version).items():
     if (name in _VIDEO_FIELDS and not spec.video) or (name in _TEXT_FIELDS and not spec.text_len):
       continue
     out[name] = (dtype, tuple(sizes[d] if isinstance(d, str) else d for d in shape))

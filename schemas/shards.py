@@ -3,7 +3,8 @@
 `PackedRecords` indexes every record's (shard, offset, length) by walking the TFRecord length headers
 (`tfrecord.record_extents`), then reads just the records asked for (storage.read_range: a seek locally, a ranged
 GET through google-cloud-storage on gs://) and parses them with TensorFlow, so host memory holds a batch, not
-the data. `load_split` reads a whole (small) split.
+the data. `load_split` reads a whole (small) split; `tubelet_arrays` turns a batch's per-slot tubelet bytes
+into padded arrays.
 """
 
 import concurrent.futures
@@ -13,6 +14,8 @@ import numpy as np
 
 from schemas import dataset_info as info_lib
 from schemas import storage
+from schemas.errors import ContractError
+from schemas.packed import TUBELET_FIELDS
 from schemas.tfrecord import RECORD_HEADER_BYTES, masked_crc32c, record_extents
 
 
@@ -72,3 +75,34 @@ def load_split(shard_dir: str, split: str, info: dict | None = None, fields=None
   with PackedRecords(shard_dir, split, info) as records:
     chunks = [records.read(range(s, min(s + 256, len(records))), fields) for s in range(0, len(records), 256)]
   return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+
+def tubelet_arrays(batch: dict[str, np.ndarray], info: dict) -> dict[str, np.ndarray]:
+  """A batch's per-slot tubelet bytes (fields of `PackedRecords.read` or `load_split`, [B, M] each) as arrays
+  padded to A = `max_actors` actors and F = `max_frames` frames of dataset_info:
+
+    frame_t       int32 [B, M, F]           the source clip's frame index t of each packed frame; -1 past the
+                                            slot's frames (and for an image or an empty slot)
+    tube_labels   int32 [B, M, A]           each actor's class; -1 past the slot's actors
+    tube_boxes    float32 [B, M, A, F, 4]   each actor's ymin, xmin, ymax, xmax at each frame; 0 where absent
+    tube_present  bool [B, M, A, F]         where the actor has a box
+  """
+  missing = [name for name in TUBELET_FIELDS if name not in batch]
+  if missing:
+    raise ContractError(f"batch: no field {missing[0]!r}; tubelets are in video shards of schema version 2 on "
+                        f"(these are version {info['schema_version']}, video {info.get('video', False)})")
+  batch_size, slots = batch["tube_labels"].shape
+  frames, actors = info["max_frames"], info["max_actors"]
+  out = {"frame_t": np.full((batch_size, slots, frames), -1, np.int32),
+         "tube_labels": np.full((batch_size, slots, actors), -1, np.int32),
+         "tube_boxes": np.zeros((batch_size, slots, actors, frames, 4), np.float32),
+         "tube_present": np.zeros((batch_size, slots, actors, frames), bool)}
+  for b, m in np.ndindex(batch_size, slots):
+    frame_t = np.frombuffer(batch["frame_t"][b, m], "<i4")
+    labels = np.frombuffer(batch["tube_labels"][b, m], "<i4")
+    f, a = len(frame_t), len(labels)
+    out["frame_t"][b, m, :f] = frame_t
+    out["tube_labels"][b, m, :a] = labels
+    out["tube_boxes"][b, m, :a, :f] = np.frombuffer(batch["tube_boxes"][b, m], "<f4").reshape(a, f, 4)
+    out["tube_present"][b, m, :a, :f] = np.frombuffer(batch["tube_present"][b, m], np.uint8).reshape(a, f)
+  return out

@@ -1,9 +1,10 @@
 import json
+import re
 
 import pytest
 
 from schemas.errors import ContractError
-from schemas.manifest import parse_manifest_line, read_manifest
+from schemas.manifest import Tubelet, parse_manifest_line, read_manifest
 
 
 def test_valid_record_defaults_split_to_train():
@@ -39,3 +40,54 @@ def test_read_manifest_skips_blank_lines_and_keeps_line_numbers(tmp_path):
                   json.dumps({"id": "b", "image": "b.png", "label": 1, "split": "val"}) + "\n")
   records = read_manifest(str(path))
   assert [(r.id, r.line, r.split) for r in records] == [("a", 1, "train"), ("b", 3, "val")]
+
+
+def _clip(tubelets, **fields):
+  return json.dumps({"id": "c", "video": "c.mp4", "tubelets": tubelets, **fields})
+
+
+def test_tubelets_parse_with_class_names_integral_frames_and_no_clip_label():
+  r = parse_manifest_line(_clip([{"label": "blue", "boxes": [[3.0, 0.1, 0.2, 0.5, 0.6], [5, 0, 0, 1, 1]]},
+                                 {"label": 0, "boxes": [[0, 0.5, 0.5, 0.5, 0.5]]}]), 4, class_names=("red", "blue"))
+  assert r.label is None
+  assert r.tubelets == (Tubelet(1, ((3, 0.1, 0.2, 0.5, 0.6), (5, 0.0, 0.0, 1.0, 1.0))),
+                        Tubelet(0, ((0, 0.5, 0.5, 0.5, 0.5),)))
+  assert isinstance(r.tubelets[0].boxes[0][0], int)
+  assert parse_manifest_line(json.dumps(r.to_json()), 4) == r  # to_json round-trips, without a clip label
+  assert parse_manifest_line(_clip([], label=2), 1).tubelets == ()  # a clip without actors
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"id": "a", "image": "x.png", "label": 1, "tubelets": []}', "field 'tubelets' needs field 'video'"),
+    (_clip({"label": 0}), "field 'tubelets' must be a list"),
+    (_clip([[0, 0, 0, 1, 1]]), "field 'tubelets': tubelet 0 must be an object with 'label' and 'boxes'"),
+    (_clip([{"label": 0, "boxes": [[0, 0, 0, 1, 1]], "score": 1}]), "tubelet 0: unknown key 'score'"),
+    (_clip([{"label": 0}]), "tubelet 0: missing key 'boxes'"),
+    (_clip([{"label": 0, "boxes": [[0, 0, 0, 1, 1]]}, {"label": -1, "boxes": [[0, 0, 0, 1, 1]]}]),
+     "tubelet 1: 'label' must be a non-negative int or a class name"),
+    (_clip([{"label": True, "boxes": [[0, 0, 0, 1, 1]]}]), "tubelet 0: 'label' must be a non-negative int"),
+    (_clip([{"label": "purple", "boxes": [[0, 0, 0, 1, 1]]}]), "tubelet 0: 'label' names unknown class 'purple'"),
+    (_clip([{"label": 0, "boxes": []}]), "tubelet 0: 'boxes' must be a non-empty list"),
+    (_clip([{"label": 0, "boxes": [[0, 0, 1, 1]]}]), "tubelet 0: box 0: not 5 numbers"),
+    (_clip([{"label": 0, "boxes": [[0, 0, 0, 1, "1"]]}]), "tubelet 0: box 0: not 5 numbers"),
+    (_clip([{"label": 0, "boxes": [[0, 0, 0, 1, 1], [1, False, 0, 1, 1]]}]), "tubelet 0: box 1: not 5 numbers"),
+    (_clip([{"label": 0, "boxes": [[0, 0, 0, 1, 1], [1, float("nan"), 0, 1, 1]]}]), "box 1: holds NaN or Infinity"),
+    (_clip([{"label": 0, "boxes": [[float("inf"), 0, 0, 1, 1]]}]), "box 0: holds NaN or Infinity"),
+    (_clip([{"label": 0, "boxes": [[-1, 0, 0, 1, 1]]}]), "box 0: frame t = -1 is not a non-negative integer"),
+    (_clip([{"label": 0, "boxes": [[1.5, 0, 0, 1, 1]]}]), "box 0: frame t = 1.5 is not a non-negative integer"),
+    (_clip([{"label": 0, "boxes": [[0, 0, 0, 1, 1.25]]}]), "box 0: coordinates [0, 0, 1, 1.25] not all in [0, 1]"),
+    (_clip([{"label": 0, "boxes": [[0, -0.1, 0, 1, 1]]}]), "box 0: coordinates [-0.1, 0, 1, 1] not all in [0, 1]"),
+    (_clip([{"label": 0, "boxes": [[0, 0.5, 0, 0.2, 1]]}]), "box 0: ymin 0.5 > ymax 0.2"),
+    (_clip([{"label": 0, "boxes": [[0, 0, 0.7, 1, 0.6]]}]), "box 0: xmin 0.7 > xmax 0.6"),
+    (_clip([{"label": 0, "boxes": [[2, 0, 0, 1, 1], [3, 0, 0, 1, 1], [2.0, 0, 0, 1, 1]]}]),
+     "tubelet 0: box 2: frame 2 appears twice in the tubelet"),
+    (json.dumps({"id": "c", "video": ["f0.png", "f1.png", "f2.png"],
+                 "tubelets": [{"label": 0, "boxes": [[2, 0, 0, 1, 1], [3, 0, 0, 1, 1]]}]}),
+     "tubelet 0: box 1: frame t = 3 is not in the clip, whose 3 frames are t = 0..2"),
+    ('{"id": "a", "video": "c.mp4"}', "field 'label' must be a non-negative int"),  # no tubelets: a label is due
+])
+def test_bad_tubelets_name_line_and_field(line, message):
+  with pytest.raises(ContractError, match=re.escape(message)) as e:
+    parse_manifest_line(line, 7, "m.jsonl", class_names=("red",))
+  assert str(e.value).startswith("m.jsonl:7 (id ")
+  assert "field 'tubelets'" in str(e.value) or "field 'label'" in str(e.value)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from schemas.dataset_info import validate_dataset_info
+from schemas.dataset_info import REQUIRED_KEYS, validate_dataset_info
 from schemas.errors import ContractError
-from schemas.packed import FINGERPRINT, PackedSpec, check_fingerprint
+from schemas.packed import FINGERPRINT, SCHEMA_VERSION, PackedSpec, check_fingerprint
 
 
 def _random_example(spec, rng):
@@ -74,3 +74,23 @@ def test_unknown_fingerprint_is_refused():
 def test_dataset_info_validation_names_missing_key():
   with pytest.raises(ContractError, match="missing key 'schema_version'"):
     validate_dataset_info({"fingerprint": FINGERPRINT})
+
+
+def test_every_earlier_fingerprint_stays_known_with_its_version_and_fields():
+  # Version 1 as built until the tubelet fields, and the spine's image-only table before the video `boxes`.
+  assert (SCHEMA_VERSION, FINGERPRINT, check_fingerprint(FINGERPRINT, "x")) == (2, "53cf86b96b84bb2e", 2)
+  assert check_fingerprint("5ff02cc3fb5c117d", "x") == check_fingerprint("5be2b049a8dcaaf9", "x") == 1
+  v1, v2 = PackedSpec(8, 2, 2, video=True, version=1), PackedSpec(8, 2, 2, video=True)
+  assert set(v2.fields()) - set(v1.fields()) == {"frame_t", "tube_labels", "tube_boxes", "tube_present"}
+  # Image-only builds have the same fields in both versions, so their shards keep their bytes.
+  assert PackedSpec(8, 2, 2, version=1).fields() == PackedSpec(8, 2, 2).fields()
+  with pytest.raises(ContractError, match="unknown schema version 3"):
+    PackedSpec(8, 2, 2, version=3)
+
+
+def test_dataset_info_whose_version_and_fingerprint_disagree_is_refused():
+  info = {key: 1 for key in REQUIRED_KEYS} | {"fingerprint": "5ff02cc3fb5c117d", "schema_version": 2, "splits": {}}
+  with pytest.raises(ContractError, match="'schema_version' is 2, but fingerprint '5ff02cc3fb5c117d' is schema "
+                                          "version 1"):
+    validate_dataset_info(info)
+  validate_dataset_info(info | {"schema_version": 1})

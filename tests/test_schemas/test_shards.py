@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from schemas.shards import PackedRecords, load_split
+from schemas.dataset_info import read_dataset_info
+from schemas.errors import ContractError
+from schemas.shards import PackedRecords, load_split, tubelet_arrays
 from schemas.tfrecord import record_extents
 from tests.gcs import upload_to_gcs
 
@@ -60,7 +62,6 @@ def test_a_corrupt_length_header_is_an_error_naming_file_and_byte(shard_dir, tmp
 
 
 def test_missing_remote_dataset_is_a_clear_error(gcs_emulator):
-  from schemas.errors import ContractError
   with pytest.raises(ContractError, match="gs://patchflow-test/nothing/dataset_info.json: not found"):
     load_split("gs://patchflow-test/nothing", "train")
 
@@ -95,3 +96,25 @@ def test_a_remote_shard_replaced_while_in_use_is_an_error_not_other_bytes(gcs_em
     records.read([0])
   assert asked and set(asked) == {pinned}  # every ranged GET asked for the version that was indexed
   records.close()
+
+
+V1_VIDEO_SHARDS = os.path.join(os.path.dirname(__file__), "fixtures", "v1_video_shards")
+
+
+def test_video_shards_of_schema_version_1_stay_readable():
+  """A directory written by the version-1 builder (commit 296d473): a two-frame clip with boxes and a still,
+  4-pixel patches. It reads with version 1's fields; asking it for tubelets is a clear error."""
+  info = read_dataset_info(V1_VIDEO_SHARDS)
+  assert (info["schema_version"], info["fingerprint"]) == (1, "5ff02cc3fb5c117d")
+  split = load_split(V1_VIDEO_SHARDS, "train")
+  assert set(split) == {"patches", "patch_yx", "patch_t", "segment_ids", "image_grid", "labels", "example_ids",
+                        "boxes"}
+  slots = {rid.decode(): slot for slot, rid in enumerate(split["example_ids"][0]) if rid}
+  clip, still = slots["clip"], slots["still"]
+  assert split["labels"][0, clip] == 1 and split["labels"][0, still] == 0
+  assert split["patch_t"][0][split["segment_ids"][0] == clip + 1].tolist() == [0] * 4 + [1] * 4
+  np.testing.assert_array_equal(np.frombuffer(split["boxes"][0, clip], "<f4").reshape(-1, 4),
+                                np.float32([[0.25, 0.125, 0.5, 0.75], [0.3, 0.2, 0.6, 0.8]]))
+  with pytest.raises(ContractError, match="no field 'frame_t'; tubelets are in video shards of schema version 2 "
+                                          r"on \(these are version 1, video True\)"):
+    tubelet_arrays(split, info)

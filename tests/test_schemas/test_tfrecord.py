@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from schemas import tfrecord
-from schemas.packed import PackedSpec
+from schemas.packed import TUBELET_FIELDS, PackedSpec
 
 
 def _random_sequence(spec, rng):
@@ -22,6 +22,8 @@ def _random_sequence(spec, rng):
   if spec.video:
     ex["patch_t"][:] = rng.integers(0, 8, spec.seq_len)
     ex["boxes"][:] = [np.float32(rng.uniform(0, 1, (i, 4))).tobytes() for i in range(spec.max_images)]
+    for name in TUBELET_FIELDS:
+      ex[name][:] = [rng.bytes(4 * i) for i in range(spec.max_images)]
   return ex
 
 
