@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,24 @@ def test_shard_throughput_benchmark_runs_end_to_end_on_a_few_images(capsys):
   out = capsys.readouterr().out
   for row in ("PIL decode loop (floor)", "build_shards, 1 worker", "build_shards, 2 threads", "Beam's start-up"):
     assert row in out
+
+
+def test_video_throughput_benchmark_runs_end_to_end_on_a_few_clips(capsys):
+  """A tiny run of the video benchmark: both rows print with their figures, and the start-up line (the script
+  asserts that the floor decodes the builder's pixels, that the job wrote every clip and that runs agree)."""
+  bench = _load("video_throughput")
+  assert bench.main(["--clips", "12", "--frames", "8", "--size", "32", "--video-frames", "4", "--reps", "1"]) == 0
+  out = capsys.readouterr().out
+  rows = {}
+  for line in out.splitlines():
+    for name in ("PyAV decode loop (floor)", "build_shards, 1 worker"):
+      if line.startswith(name):
+        rows[name] = [float(v) for v in line[len(name):].split()]
+  # wall s, clips/s, job/floor, CPU s, clips/CPU-s, job/floor, of it sys; the job's row adds its rounds' ratios.
+  assert len(rows["PyAV decode loop (floor)"]) == 7 and len(rows["build_shards, 1 worker"]) == 8
+  assert rows["PyAV decode loop (floor)"][2] == rows["PyAV decode loop (floor)"][5] == 1.0
+  assert all(v > 0 for v in rows["build_shards, 1 worker"])
+  assert re.search(r"^Beam's start-up: a 12-clip job takes [0-9.]+ s wall, [0-9.]+ CPU-s \([0-9]+% ", out, re.M)
 
 
 def test_bracketed_ratios_cancel_a_steady_drift_of_the_machine():
