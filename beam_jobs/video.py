@@ -53,7 +53,8 @@ def decode_sampled(data: bytes, total: int, num_frames: int) -> list[np.ndarray]
   out, next_wanted = [], 0
   for index, frame in enumerate(_frames(data)):
     if next_wanted < len(wanted) and index == wanted[next_wanted]:
-      out.append(frame.to_ndarray(format="rgb24"))
+      # One scaler thread too: by default FFmpeg's scaler starts and joins threads for every frame converted.
+      out.append(frame.to_ndarray(format="rgb24", threads=1))
       next_wanted += 1
       if next_wanted == len(wanted):
         break
