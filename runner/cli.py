@@ -20,8 +20,10 @@ from schemas.errors import ContractError
 
 def _compile(args) -> int:
   from kfp import compiler
+  from runner.preflight import check_parameters
   pipeline = registry.get_pipeline(args.pipeline, args.target)
   params = registry.parse_parameters(pipeline, args.set)
+  check_parameters(pipeline, params)
   compiler.Compiler().compile(pipeline, args.output, pipeline_parameters=params or None)
   print(f"compiled {args.pipeline} for target {args.target or 'default'} -> {args.output}")
   return 0

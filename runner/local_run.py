@@ -21,6 +21,7 @@ from typing import Callable
 from components.step_cache import CACHE_DIR_ENV
 from pipelines import registry
 from runner import history
+from runner.preflight import check_parameters
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
@@ -137,6 +138,7 @@ def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callabl
                  parent: str | None = None, run_id: str | None = None, use_cache: bool = True) -> dict:
   """Runs one pipeline locally; returns the run record (status, steps, report path), also kept in history."""
   pipeline = registry.get_pipeline(name)
+  check_parameters(pipeline, params)
   defaults = {k: d for k, (_, d) in registry.signature(pipeline).items()}
   home = home or runs_home()
   run_id = run_id or new_run_id(name)

@@ -8,6 +8,7 @@ import time
 from pipelines import registry
 from runner import history
 from runner.local_run import new_run_id
+from runner.preflight import check_parameters
 from schemas.errors import ContractError
 from schemas.lineage import git_revision
 
@@ -57,6 +58,7 @@ def submit(pipeline_name: str, target: str, params: dict, home: str, *, project:
            enable_caching: bool = True) -> dict:
   """Submits one run; returns its history record (id, console_url)."""
   pipeline = registry.get_pipeline(pipeline_name, target)
+  check_parameters(pipeline, params)
   defaults = {k: d for k, (_, d) in registry.signature(pipeline).items()}
   run_id = new_run_id(pipeline_name)
   record = {"id": run_id, "pipeline": pipeline_name, "params": {**defaults, **params}, "status": "SUBMITTED",

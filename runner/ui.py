@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pipelines import registry
 from runner import history
 from runner.local_run import new_run_id, run_pipeline, step_log
+from runner.preflight import check_parameters
 from schemas.errors import ContractError
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse}
@@ -196,6 +197,7 @@ def start_rerun(home: str, run_id: str, overrides: dict) -> str:
   pipeline = registry.get_pipeline(previous["pipeline"])
   changed = registry.parse_parameters(pipeline, [f"{k}={v}" for k, v in overrides.items()])
   params = {**previous["params"], **changed}
+  check_parameters(pipeline, params)  # here, so a bad value is the request's answer, not a failed thread
   new_id = new_run_id(previous["pipeline"])
   thread = threading.Thread(target=run_pipeline, daemon=True, kwargs=dict(
       name=previous["pipeline"], params=params, home=home, parent=run_id, run_id=new_id,

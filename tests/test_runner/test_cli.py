@@ -210,3 +210,18 @@ def test_the_rerun_form_sends_lists_and_dicts_back_as_json():
   sent = {"models": _form_value(models), "overrides": _form_value({"train.steps": 5}), "steps": _form_value(7)}
   assert registry.parse_parameters(study, [f"{k}={v}" for k, v in sent.items()]) == {
       "models": models, "overrides": {"train.steps": 5}, "steps": 7}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "smoke", "--set", 'overrides={"train.stepz": 5}'], "config override 'train.stepz': unknown key 'stepz'"),
+    (["run", "smoke", "--set", "train.steps=many"], "config override 'train.steps': cannot parse 'many'"),
+    (["run", "smoke", "--set", "config=nope"], "config 'nope': not a known name"),
+    (["compile", "smoke", "--output", "x.yaml", "--set", 'overrides={"model.depth": "two"}'],
+     "config override 'model.depth': cannot parse 'two'"),
+    (["run", "calibration_study", "--set", "steps=-3"], "key 'train.steps' must be a positive int"),
+])
+def test_a_bad_train_config_is_refused_before_the_run_starts(argv, message, capsys, tmp_path):
+  assert main([*argv, *(["--home", str(tmp_path)] if argv[0] == "run" else [])]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("patchflow: error: ") and message in err and "\n" not in err
+  assert not list(tmp_path.iterdir())  # no run directory, no history entry
