@@ -25,13 +25,43 @@ def make_synthetic_data(seed: int, num_train: int, num_val: int, num_test: int, 
 
 
 @component
+def make_action_clips(seed: int, num_train: int, num_val: int, num_test: int, frames: int, size: int,
+                      data: Output[Dataset]):
+  from components.step_cache import run_cached
+  params = {"seed": seed, "splits": {"train": num_train, "val": num_val, "test": num_test}, "frames": frames,
+            "size": size}
+
+  def work():
+    from beam_jobs.synthetic_actions import generate_action_clips
+    return generate_action_clips(data.path, **params, log=print)
+  summary = run_cached("make_action_clips", ("beam_jobs", "schemas"), params, {}, {"data": data.path}, work)
+  data.metadata.update({"clips": summary["clips"], "tubes": summary["tubes"]})
+
+
+@component
+def make_action_classes(seed: int, num_train: int, num_val: int, num_test: int, frames: int, size: int,
+                        data: Output[Dataset]):
+  from components.step_cache import run_cached
+  params = {"seed": seed, "splits": {"train": num_train, "val": num_val, "test": num_test}, "frames": frames,
+            "size": size}
+
+  def work():
+    from beam_jobs.synthetic_actions import generate_action_classes
+    return generate_action_classes(data.path, **params, log=print)
+  summary = run_cached("make_action_classes", ("beam_jobs", "schemas"), params, {}, {"data": data.path}, work)
+  data.metadata.update({"clips": summary["clips"]})
+
+
+@component
 def build_shards(data: Input[Dataset], seq_len: int, patch_size: int, max_images: int,
-                 max_patches_per_image: int, num_shards: int, shards: Output[Dataset], beam_args: str = "[]"):
+                 max_patches_per_image: int, num_shards: int, shards: Output[Dataset], beam_args: str = "[]",
+                 fixed_options: str = "{}"):
   import json
   import os
   from components.step_cache import run_cached
+  # fixed_options: shard options the pipeline definition fixes (a JSON object of ShardOptions fields, e.g. video).
   params = {"seq_len": seq_len, "patch_size": patch_size, "max_images": max_images,
-            "max_patches_per_image": max_patches_per_image, "num_shards": num_shards}
+            "max_patches_per_image": max_patches_per_image, "num_shards": num_shards, **json.loads(fixed_options)}
 
   def work():
     from beam_jobs.build_shards import build_shards as build
