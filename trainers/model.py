@@ -13,10 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from trainers.moe import MoEFeedForward
+from trainers.ops.attention import attention, segment_mask
 from trainers.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_NEG = -1e9  # finite, so rows that see no key at all (padding) stay free of NaN
 
 
 def _dense(din, dout, cfg, rngs, **kw):
@@ -25,14 +25,6 @@ def _dense(din, dout, cfg, rngs, **kw):
 
 def _norm(dim, cfg, rngs):
   return nnx.LayerNorm(dim, use_bias=cfg["use_bias"], dtype=DTYPES[cfg["dtype"]], rngs=rngs)
-
-
-def _attention(q, k, v, mask):
-  """q [B, Q, H, d], k/v [B, K, H, d], mask [B, Q, K] or None -> [B, Q, H, d]; softmax in f32."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask[:, None], logits, _NEG)
-  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
 
 
 class Block(nnx.Module):
@@ -66,7 +58,7 @@ class Block(nnx.Module):
                for t in jnp.split(self.qkv(y), 3, -1))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    return self.dropout(self.out(_attention(q, k, v, mask).reshape(b, length, width)))
+    return self.dropout(self.out(attention(q, k, v, mask).reshape(b, length, width)))
 
   def _mlp(self, y, token_mask):
     """-> (update, MoE load-balancing loss; 0 for a dense MLP)."""
@@ -107,7 +99,7 @@ class MAPHead(nnx.Module):
     m, d = slots.shape[-1], width // self.heads
     q = jnp.broadcast_to(self.q(self.probe[...].astype(x.dtype)), (b, m, width)).reshape(b, m, self.heads, d)
     k, v = (t.reshape(b, length, self.heads, d) for t in jnp.split(self.kv(x), 2, -1))
-    pooled = self.out(_attention(q, k, v, jnp.swapaxes(slots, 1, 2) > 0).reshape(b, m, width))
+    pooled = self.out(attention(q, k, v, jnp.swapaxes(slots, 1, 2) > 0).reshape(b, m, width))
     return pooled + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm(pooled))))
 
 
@@ -162,7 +154,7 @@ class NaViT(nnx.Module):
     x = x + (self.pos_row[...][rows] + self.pos_col[...][cols]).astype(self.dtype)
     mask = None
     if self.mask_images:
-      mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+      mask = segment_mask(segment_ids, segment_ids)
     aux_loss = jnp.zeros((), jnp.float32)
     for block in self.blocks:
       x, block_aux = block(constrain(x, "tokens"), mask, segment_ids > 0)
