@@ -19,11 +19,11 @@ from trainers.sharding import constrain
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _dense(din, dout, cfg, rngs, **kw):
+def dense(din, dout, cfg, rngs, **kw):
   return nnx.Linear(din, dout, use_bias=cfg["use_bias"], dtype=DTYPES[cfg["dtype"]], rngs=rngs, **kw)
 
 
-def _norm(dim, cfg, rngs):
+def layer_norm(dim, cfg, rngs):
   return nnx.LayerNorm(dim, use_bias=cfg["use_bias"], dtype=DTYPES[cfg["dtype"]], rngs=rngs)
 
 
@@ -34,12 +34,12 @@ class Block(nnx.Module):
     if width % heads:
       raise ValueError(f"model.width ({width}) must be divisible by model.heads ({heads})")
     self.heads, self.parallel = heads, cfg["parallel_block"]
-    self.norm1 = _norm(width, cfg, rngs)
-    self.norm2 = None if self.parallel else _norm(width, cfg, rngs)
-    self.qkv = _dense(width, 3 * width, cfg, rngs)
-    self.out = _dense(width, width, cfg, rngs)
-    self.q_norm = _norm(width // heads, cfg, rngs) if cfg["qk_norm"] else None
-    self.k_norm = _norm(width // heads, cfg, rngs) if cfg["qk_norm"] else None
+    self.norm1 = layer_norm(width, cfg, rngs)
+    self.norm2 = None if self.parallel else layer_norm(width, cfg, rngs)
+    self.qkv = dense(width, 3 * width, cfg, rngs)
+    self.out = dense(width, width, cfg, rngs)
+    self.q_norm = layer_norm(width // heads, cfg, rngs) if cfg["qk_norm"] else None
+    self.k_norm = layer_norm(width // heads, cfg, rngs) if cfg["qk_norm"] else None
     moe = cfg.get("moe") or {}
     if moe.get("num_experts", 0):
       # Sparse mixture of experts in place of the dense MLP (Gemini-style MoE; router per issue "sparse top-k").
@@ -48,8 +48,8 @@ class Block(nnx.Module):
       self.mlp_in = self.mlp_out = None
     else:
       self.moe = None
-      self.mlp_in = _dense(width, cfg["mlp_dim"], cfg, rngs)
-      self.mlp_out = _dense(cfg["mlp_dim"], width, cfg, rngs)
+      self.mlp_in = dense(width, cfg["mlp_dim"], cfg, rngs)
+      self.mlp_out = dense(cfg["mlp_dim"], width, cfg, rngs)
     self.dropout = nnx.Dropout(cfg.get("dropout", 0.0), rngs=rngs)
 
   def _attend(self, y, mask):
@@ -86,12 +86,12 @@ class MAPHead(nnx.Module):
     width = cfg["width"]
     self.heads = cfg["heads"]
     self.probe = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, width)))
-    self.q = _dense(width, width, cfg, rngs)
-    self.kv = _dense(width, 2 * width, cfg, rngs)
-    self.out = _dense(width, width, cfg, rngs)
-    self.norm = _norm(width, cfg, rngs)
-    self.mlp_in = _dense(width, cfg["mlp_dim"], cfg, rngs)
-    self.mlp_out = _dense(cfg["mlp_dim"], width, cfg, rngs)
+    self.q = dense(width, width, cfg, rngs)
+    self.kv = dense(width, 2 * width, cfg, rngs)
+    self.out = dense(width, width, cfg, rngs)
+    self.norm = layer_norm(width, cfg, rngs)
+    self.mlp_in = dense(width, cfg["mlp_dim"], cfg, rngs)
+    self.mlp_out = dense(cfg["mlp_dim"], width, cfg, rngs)
 
   def __call__(self, x, slots):
     """x [B, L, D], slots [B, L, M] one-hot slot membership -> [B, M, D]."""
@@ -117,12 +117,12 @@ class NaViT(nnx.Module):
     # Fractional positions may use their own number of buckets; absolute ones need one row per grid index.
     self.num_pos = (cfg.get("posemb_buckets") or max_grid) if self.posemb == "fractional" else max_grid
     self.dtype = DTYPES[cfg["dtype"]]
-    self.embed = _dense(patch_dim, width, cfg, rngs)
+    self.embed = dense(patch_dim, width, cfg, rngs)
     init = nnx.initializers.normal(0.02)
     self.pos_row = nnx.Param(init(rngs.params(), (self.num_pos, width)))
     self.pos_col = nnx.Param(init(rngs.params(), (self.num_pos, width)))
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg["depth"])])
-    self.norm = _norm(width, cfg, rngs)
+    self.norm = layer_norm(width, cfg, rngs)
     self.map_head = MAPHead(cfg, rngs=rngs) if self.pool == "map" else None
     self.head = nnx.Linear(width, num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
     self.rngs = rngs if self.token_drop else None
