@@ -34,7 +34,7 @@ weights 1, 5, 2.
 Padding actors (label -1) and empty slots are never matched; with more queries than actors the rest are
 unmatched (and with more actors than queries, the actors left over get no loss).
 
-Loss = 1 x class + 5 x L1 + 2 x (1 - GIoU):
+Loss = class + L1 + (1 - GIoU), with the same weights (LOSS_WEIGHTS: DETR's 1, 5, 2):
 - class: per-frame cross-entropy of every query of a filled slot against its per-frame target (unmatched queries:
   "no action" on every frame, down-weighted as DETR's "no object", by LOSS_WEIGHTS["no_action"]); a weighted mean.
 - L1 and 1 - GIoU on matched queries' boxes at the frames where their actor is present, divided by the number
@@ -54,9 +54,9 @@ from trainers.ops.boxes import center_to_corners, generalized_iou
 from trainers.sharding import constrain
 
 # DETR's weights, for the matching cost and the loss alike. "no_action" weighs unmatched queries' class loss:
-# DETR's 0.1 is for ~100 queries to a handful of objects, where unmatched queries still weigh about as much as
-# matched ones in all; with 8 spatial queries to 1-3 actors it takes 0.3 for that balance (at 0.1, two
-# synthetic clips overfit in 150 steps still showed duplicate tubelets for 2 of 9 seeds; at 0.3, none).
+# DETR's 0.1 is for ~100 queries to a handful of objects, where the unmatched queries together still weigh about
+# as much as the matched ones; with ~8 spatial queries to 1-3 actors it takes about 0.3 for that balance, and
+# less leaves duplicate tubelets (unmatched queries copying a matched one) slow to fade.
 LOSS_WEIGHTS = {"class": 1.0, "l1": 5.0, "giou": 2.0, "no_action": 0.3}
 
 
