@@ -13,26 +13,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from trainers.moe import MoEFeedForward
+from trainers.ops.attention import attention, segment_mask
 from trainers.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_NEG = -1e9  # finite, so rows that see no key at all (padding) stay free of NaN
 
 
-def _dense(din, dout, cfg, rngs, **kw):
+def dense(din, dout, cfg, rngs, **kw):
   return nnx.Linear(din, dout, use_bias=cfg["use_bias"], dtype=DTYPES[cfg["dtype"]], rngs=rngs, **kw)
 
 
-def _norm(dim, cfg, rngs):
+def layer_norm(dim, cfg, rngs):
   return nnx.LayerNorm(dim, use_bias=cfg["use_bias"], dtype=DTYPES[cfg["dtype"]], rngs=rngs)
-
-
-def _attention(q, k, v, mask):
-  """q [B, Q, H, d], k/v [B, K, H, d], mask [B, Q, K] or None -> [B, Q, H, d]; softmax in f32."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask[:, None], logits, _NEG)
-  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
 
 
 class Block(nnx.Module):
@@ -42,12 +34,12 @@ class Block(nnx.Module):
     if width % heads:
       raise ValueError(f"model.width ({width}) must be divisible by model.heads ({heads})")
     self.heads, self.parallel = heads, cfg["parallel_block"]
-    self.norm1 = _norm(width, cfg, rngs)
-    self.norm2 = None if self.parallel else _norm(width, cfg, rngs)
-    self.qkv = _dense(width, 3 * width, cfg, rngs)
-    self.out = _dense(width, width, cfg, rngs)
-    self.q_norm = _norm(width // heads, cfg, rngs) if cfg["qk_norm"] else None
-    self.k_norm = _norm(width // heads, cfg, rngs) if cfg["qk_norm"] else None
+    self.norm1 = layer_norm(width, cfg, rngs)
+    self.norm2 = None if self.parallel else layer_norm(width, cfg, rngs)
+    self.qkv = dense(width, 3 * width, cfg, rngs)
+    self.out = dense(width, width, cfg, rngs)
+    self.q_norm = layer_norm(width // heads, cfg, rngs) if cfg["qk_norm"] else None
+    self.k_norm = layer_norm(width // heads, cfg, rngs) if cfg["qk_norm"] else None
     moe = cfg.get("moe") or {}
     if moe.get("num_experts", 0):
       # Sparse mixture of experts in place of the dense MLP (Gemini-style MoE; router per issue "sparse top-k").
@@ -56,8 +48,8 @@ class Block(nnx.Module):
       self.mlp_in = self.mlp_out = None
     else:
       self.moe = None
-      self.mlp_in = _dense(width, cfg["mlp_dim"], cfg, rngs)
-      self.mlp_out = _dense(cfg["mlp_dim"], width, cfg, rngs)
+      self.mlp_in = dense(width, cfg["mlp_dim"], cfg, rngs)
+      self.mlp_out = dense(cfg["mlp_dim"], width, cfg, rngs)
     self.dropout = nnx.Dropout(cfg.get("dropout", 0.0), rngs=rngs)
 
   def _attend(self, y, mask):
@@ -66,7 +58,7 @@ class Block(nnx.Module):
                for t in jnp.split(self.qkv(y), 3, -1))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    return self.dropout(self.out(_attention(q, k, v, mask).reshape(b, length, width)))
+    return self.dropout(self.out(attention(q, k, v, mask).reshape(b, length, width)))
 
   def _mlp(self, y, token_mask):
     """-> (update, MoE load-balancing loss; 0 for a dense MLP)."""
@@ -94,12 +86,12 @@ class MAPHead(nnx.Module):
     width = cfg["width"]
     self.heads = cfg["heads"]
     self.probe = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, width)))
-    self.q = _dense(width, width, cfg, rngs)
-    self.kv = _dense(width, 2 * width, cfg, rngs)
-    self.out = _dense(width, width, cfg, rngs)
-    self.norm = _norm(width, cfg, rngs)
-    self.mlp_in = _dense(width, cfg["mlp_dim"], cfg, rngs)
-    self.mlp_out = _dense(cfg["mlp_dim"], width, cfg, rngs)
+    self.q = dense(width, width, cfg, rngs)
+    self.kv = dense(width, 2 * width, cfg, rngs)
+    self.out = dense(width, width, cfg, rngs)
+    self.norm = layer_norm(width, cfg, rngs)
+    self.mlp_in = dense(width, cfg["mlp_dim"], cfg, rngs)
+    self.mlp_out = dense(cfg["mlp_dim"], width, cfg, rngs)
 
   def __call__(self, x, slots):
     """x [B, L, D], slots [B, L, M] one-hot slot membership -> [B, M, D]."""
@@ -107,7 +99,7 @@ class MAPHead(nnx.Module):
     m, d = slots.shape[-1], width // self.heads
     q = jnp.broadcast_to(self.q(self.probe[...].astype(x.dtype)), (b, m, width)).reshape(b, m, self.heads, d)
     k, v = (t.reshape(b, length, self.heads, d) for t in jnp.split(self.kv(x), 2, -1))
-    pooled = self.out(_attention(q, k, v, jnp.swapaxes(slots, 1, 2) > 0).reshape(b, m, width))
+    pooled = self.out(attention(q, k, v, jnp.swapaxes(slots, 1, 2) > 0).reshape(b, m, width))
     return pooled + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm(pooled))))
 
 
@@ -125,12 +117,12 @@ class NaViT(nnx.Module):
     # Fractional positions may use their own number of buckets; absolute ones need one row per grid index.
     self.num_pos = (cfg.get("posemb_buckets") or max_grid) if self.posemb == "fractional" else max_grid
     self.dtype = DTYPES[cfg["dtype"]]
-    self.embed = _dense(patch_dim, width, cfg, rngs)
+    self.embed = dense(patch_dim, width, cfg, rngs)
     init = nnx.initializers.normal(0.02)
     self.pos_row = nnx.Param(init(rngs.params(), (self.num_pos, width)))
     self.pos_col = nnx.Param(init(rngs.params(), (self.num_pos, width)))
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg["depth"])])
-    self.norm = _norm(width, cfg, rngs)
+    self.norm = layer_norm(width, cfg, rngs)
     self.map_head = MAPHead(cfg, rngs=rngs) if self.pool == "map" else None
     self.head = nnx.Linear(width, num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
     self.rngs = rngs if self.token_drop else None
@@ -162,7 +154,7 @@ class NaViT(nnx.Module):
     x = x + (self.pos_row[...][rows] + self.pos_col[...][cols]).astype(self.dtype)
     mask = None
     if self.mask_images:
-      mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+      mask = segment_mask(segment_ids, segment_ids)
     aux_loss = jnp.zeros((), jnp.float32)
     for block in self.blocks:
       x, block_aux = block(constrain(x, "tokens"), mask, segment_ids > 0)

@@ -12,7 +12,7 @@ import os
 
 from schemas.errors import ContractError
 
-NAMES = ("smoke", "navit_s16", "navit_b16")
+NAMES = ("smoke", "navit_s16", "navit_b16", "star_tiny")
 # Pipeline parameters that stand for a config key, for `patchflow run smoke --set steps=50`.
 SHORTCUTS = {"steps": "train.steps", "batch_size": "train.batch_size", "learning_rate": "train.learning_rate",
              "width": "model.width", "depth": "model.depth"}
