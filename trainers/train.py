@@ -133,9 +133,8 @@ def train(data_dir: str | None, workdir: str, config: dict, log=print) -> dict:
 
   try:
     for step, (dataset, host_batch) in prefetched(read_step, range(start + 1, tc["steps"] + 1)):
-      host_batch = dataset.task.prepare(model, host_batch, dataset.head)
-      batch = sharding.shard_batch(mesh, host_batch)
       with jax.set_mesh(mesh):  # the model pins its activations to this mesh (sharding.ACTIVATION_RULES)
+        batch = sharding.shard_batch(mesh, dataset.task.prepare(model, host_batch, dataset.head))
         loss, metrics = train_step(model, optimizer, batch, task=dataset.task, head=dataset.head,
                                    options=loss_options[dataset.name])
       batches_seen[drawn[step - 1]] += 1
