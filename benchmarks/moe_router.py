@@ -29,7 +29,7 @@ from flax import nnx  # noqa: E402
 
 from trainers.input_pipeline import batch_indices  # noqa: E402
 from trainers.moe import ROUTERS, MoEFeedForward  # noqa: E402
-from trainers.train import slot_loss_and_accuracy  # noqa: E402
+from trainers.tasks.classification import slot_loss_and_accuracy  # noqa: E402
 
 AUX_LOSS_WEIGHT = 0.01
 

@@ -23,11 +23,14 @@ from beam_jobs.image_ops import fit_patch_grid  # noqa: E402
 from beam_jobs.packing import pack_first_fit_decreasing  # noqa: E402
 from trainers import sharding  # noqa: E402
 from trainers.configs import apply_overrides, load_config  # noqa: E402
-from trainers.input_pipeline import MODEL_INPUTS, batch_indices  # noqa: E402
+from trainers.input_pipeline import batch_indices  # noqa: E402
 from trainers.model import build_model  # noqa: E402
+from trainers.tasks.classification import FIELDS, TASK  # noqa: E402
+from trainers.tasks.task import Head  # noqa: E402
 from trainers.train import make_optimizer, model_flops_per_sequence, train_step  # noqa: E402
 
 SEQ_LEN, PATCH, ROWS, MAX_IMAGES = 1024, 16, 8, 32
+HEAD = Head("data", num_classes=10)  # make_trainer's model: one head
 
 
 def reference_token_counts(n: int, seed: int = 0) -> np.ndarray:
@@ -76,12 +79,12 @@ def time_side_by_side(trainers: dict, batches: dict, steps: int) -> dict:
   """Median step time per variant, the variants interleaved step by step so that whatever else the machine
   is doing weighs on all of them alike."""
   for name, (model, optimizer, _) in trainers.items():
-    train_step(model, optimizer, batches[name][0])[0].block_until_ready()  # compile
+    train_step(model, optimizer, batches[name][0], TASK, HEAD)[0].block_until_ready()  # compile
   times = {name: [] for name in trainers}
   for i in range(steps):
     for name, (model, optimizer, _) in trainers.items():
       start = time.perf_counter()
-      train_step(model, optimizer, batches[name][i % len(batches[name])])[0].block_until_ready()
+      train_step(model, optimizer, batches[name][i % len(batches[name])], TASK, HEAD)[0].block_until_ready()
       times[name].append(time.perf_counter() - start)
   return {name: float(np.median(t)) for name, t in times.items()}
 
@@ -144,11 +147,11 @@ def shard_read_seconds_per_batch() -> tuple[float, int]:
     build_shards(manifest, os.path.join(tmp, "shards"), ShardOptions(seq_len=SEQ_LEN, max_images=MAX_IMAGES,
                                                                      num_shards=4))
     records = PackedRecords(os.path.join(tmp, "shards"), "train")
-    records.read(batch_indices(len(records), ROWS, 0, 0), MODEL_INPUTS)  # warm: TensorFlow's import and first parse
+    records.read(batch_indices(len(records), ROWS, 0, 0), FIELDS)  # warm: TensorFlow's import and first parse
     times = []
     for step in range(1, 21):
       start = time.perf_counter()
-      records.read(batch_indices(len(records), ROWS, step, 0), MODEL_INPUTS)
+      records.read(batch_indices(len(records), ROWS, step, 0), FIELDS)
       times.append(time.perf_counter() - start)
     n = len(records)
     records.close()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trainers.train import _forward, slot_loss_and_accuracy
+from trainers.tasks.classification import forward, slot_loss_and_accuracy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def test_unmasked_vit_baseline_trains_and_differs_from_the_masked_model():
   @nnx.jit
   def loss_and_grad_norm(model, batch):
     def loss_fn(model):
-      return slot_loss_and_accuracy(_forward(model, batch, True), batch["labels"])[0]
+      return slot_loss_and_accuracy(forward(model, batch, True), batch["labels"])[0]
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     return loss, optax_global_norm(grads)
 

@@ -1,45 +1,32 @@
 """The train loop: packed shards in, an orbax checkpoint, metrics.jsonl and final.json out.
 
   python -m trainers.train --data SHARDS --workdir DIR [--config smoke] [--set train.steps=100 ...]
+  python -m trainers.train --workdir DIR --config MIXTURE.py   # the config's `data` names the datasets
 
-Started again on the same workdir it resumes from the last checkpoint and replays the same batches.
+Every task runs through this loop (trainers/tasks/: the fields it reads, its model, its loss, its eval
+outputs); each step's batch comes from one dataset of the mixture (trainers/mixture.py). Started again on the
+same workdir it resumes from the last checkpoint and replays the same batches.
 """
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from flax.core import FrozenDict
 
-from schemas import dataset_info as info_lib
-from schemas import storage
-from schemas.lineage import write_lineage
 from schemas.errors import ContractError
+from schemas.lineage import write_lineage
 from schemas.shards import PackedRecords, load_split
-from trainers import checkpointing, sharding
+from trainers import checkpointing, mixture, sharding
 from trainers.configs import apply_overrides, load_config
-from trainers.input_pipeline import MODEL_INPUTS, batch_indices, prefetched
-from trainers.model import build_model
-
-
-def slot_loss_and_accuracy(logits, labels, label_smoothing: float = 0.0):
-  """Mean cross-entropy and accuracy over filled image slots (label >= 0); empty slots weigh nothing."""
-  filled = labels >= 0
-  safe = jnp.where(filled, labels, 0)
-  targets = optax.smooth_labels(jax.nn.one_hot(safe, logits.shape[-1]), label_smoothing)
-  losses = optax.softmax_cross_entropy(logits, targets)
-  count = jnp.maximum(filled.sum(), 1)
-  loss = jnp.where(filled, losses, 0.0).sum() / count
-  accuracy = jnp.where(filled, logits.argmax(-1) == safe, False).sum() / count
-  return loss, accuracy
+from trainers.input_pipeline import batch_indices, mixture_draws, prefetched
 
 
 def make_optimizer(model, train_config: dict):
@@ -50,38 +37,14 @@ def make_optimizer(model, train_config: dict):
   return nnx.Optimizer(model, tx, wrt=nnx.Param), schedule
 
 
-def _forward(model, batch, train, return_aux_loss=False):
-  return model(batch["patches"], batch["patch_yx"], batch["segment_ids"], batch.get("image_grid"), train=train,
-               return_aux_loss=return_aux_loss)
-
-
-@functools.partial(nnx.jit, static_argnames=("label_smoothing", "aux_weight"))
-def train_step(model, optimizer, batch, label_smoothing=0.0, aux_weight=0.0):
+@functools.partial(nnx.jit, static_argnames=("task", "head", "options"))
+def train_step(model, optimizer, batch, task, head, options=FrozenDict()):
+  """One optimizer step on the task's loss through `head` -> (loss, metrics); `options` are its loss_options."""
   def loss_fn(model):
-    logits, aux = _forward(model, batch, True, return_aux_loss=True)  # aux: MoE load balancing; 0 if dense
-    loss, accuracy = slot_loss_and_accuracy(logits, batch["labels"], label_smoothing)
-    return loss + aux_weight * aux, accuracy
-  (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return task.loss(model, batch, head, **options)
+  (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
-  return loss, accuracy
-
-
-@nnx.jit
-def eval_step(model, batch):
-  return slot_loss_and_accuracy(_forward(model, batch, False), batch["labels"])
-
-
-def evaluate_split(model, data: dict, batch_size: int) -> dict:
-  model.eval()
-  total_loss = total_correct = total = 0.0
-  for start in range(0, len(data["labels"]), batch_size):
-    batch = {k: data[k][start:start + batch_size] for k in MODEL_INPUTS}
-    n = float((batch["labels"] >= 0).sum())
-    loss, accuracy = eval_step(model, batch)
-    total_loss += float(loss) * n
-    total_correct += float(accuracy) * n
-    total += n
-  return {"loss": total_loss / max(total, 1), "accuracy": total_correct / max(total, 1), "images": int(total)}
+  return loss, metrics
 
 
 # Dense bf16 peak TFLOP/s per chip, for model-FLOPs utilisation; override with train.peak_tflops.
@@ -122,55 +85,62 @@ def _truncate_metrics(path: str, last_step: int) -> None:
   os.replace(path + ".tmp", path)
 
 
-def data_position(step: int, config: dict, info: dict, num_sequences: int) -> dict:
-  """What a resumed run must match to replay the same batches: the batch at step n is f(seed, n, data)."""
-  shards = hashlib.sha256("".join(s["sha256"] for s in info["shards"]).encode()).hexdigest()
-  return {"next_step": step + 1, "seed": config["seed"], "batch_size": config["train"]["batch_size"],
-          "num_sequences": num_sequences, "shards_sha256": shards}
-
-
-def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
-  info = info_lib.read_dataset_info(data_dir)
+def train(data_dir: str | None, workdir: str, config: dict, log=print) -> dict:
+  """Trains on the shard directory `data_dir` or, when it is None, on the datasets that the config's `data`
+  names (trainers/mixture.py); every dataset is read by its task (trainers/tasks/)."""
+  datasets = mixture.datasets_of(config, data_dir)
+  task = mixture.model_task(datasets)
   tc = config["train"]
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump({"config": config, "dataset_info": {k: info[k] for k in (
-        "fingerprint", "seq_len", "patch_size", "max_images", "num_classes", "max_patches_per_image")},
-        "data": data_dir if storage.is_gcs(data_dir) else os.path.abspath(data_dir)}, f, indent=1, sort_keys=True)
+    json.dump({"config": config, **mixture.saved_record(datasets)}, f, indent=1, sort_keys=True)
   mesh = sharding.make_mesh(config["mesh"]["data"], config["mesh"]["model"])
   if tc["batch_size"] % config["mesh"]["data"]:
     raise ContractError(f"train.batch_size ({tc['batch_size']}) must be divisible by mesh.data "
                         f"({config['mesh']['data']})")
-  train_records = PackedRecords(data_dir, "train", info)  # read batch by batch; the split is never loaded
-  val_data = load_split(data_dir, "val", info, MODEL_INPUTS) if "val" in info["splits"] else None
-  model = build_model(config["model"], info, config["seed"])
+  # Train splits are read batch by batch, never loaded; validation splits are small and loaded whole.
+  records = {d.name: PackedRecords(d.shards, "train", d.info) for d in datasets}
+  val_data = {d.name: load_split(d.shards, "val", d.info, d.task.fields) for d in datasets if "val" in d.info["splits"]}
+  model = task.build_model(config["model"], datasets, config["seed"])
   optimizer, schedule = make_optimizer(model, tc)
   sharding.shard_nodes(mesh, model, optimizer)
   manager = checkpointing.checkpoint_manager(workdir, tc["keep_checkpoints"])
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  num_sequences = len(train_records)
-  start = checkpointing.restore_latest(manager, model, optimizer,
-                                       expect_position=data_position(0, config, info, num_sequences)) or 0
+  num_sequences = {name: len(r) for name, r in records.items()}
+  start = checkpointing.restore_latest(
+      manager, model, optimizer, expect_position=mixture.data_position(0, config, datasets, num_sequences)) or 0
   _truncate_metrics(metrics_path, start)
   if start:
     log(f"train: resumed from checkpoint at step {start}")
   import tensorflow as tf
   summaries = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-  flops_per_step = model_flops_per_sequence(config["model"], info) * tc["batch_size"]
+  flops_per_step = {d.name: model_flops_per_sequence(config["model"], d.info) * tc["batch_size"] for d in datasets}
   peak = peak_tflops(tc)
+  loss_options = {d.name: FrozenDict(d.task.loss_options(config)) for d in datasets}
+  # Step n's batch is batch number batch_number[n-1] of dataset drawn[n-1]: a function of (seed, n), so a
+  # resumed run replays them; batches_seen is the realised mixture.
+  drawn, batch_number = mixture_draws([d.weight for d in datasets], config["seed"], tc["steps"])
+  batches_seen = np.bincount(drawn[:start], minlength=len(datasets))
   model.train()
-  window_start, window_images, window_steps = time.perf_counter(), 0, 0
+  window_start, window_images, window_steps, window_flops = time.perf_counter(), 0, 0, 0.0
   loss = float("nan")
-  read_step = lambda step: train_records.read(
-      batch_indices(num_sequences, tc["batch_size"], step - 1, config["seed"]), MODEL_INPUTS)
+
+  def read_step(step):
+    dataset = datasets[drawn[step - 1]]
+    indices = batch_indices(num_sequences[dataset.name], tc["batch_size"], int(batch_number[step - 1]),
+                            config["seed"])
+    return dataset, records[dataset.name].read(indices, dataset.task.fields)
+
   try:
-    for step, host_batch in prefetched(read_step, range(start + 1, tc["steps"] + 1)):
-      batch = sharding.shard_batch(mesh, host_batch)
+    for step, (dataset, host_batch) in prefetched(read_step, range(start + 1, tc["steps"] + 1)):
       with jax.set_mesh(mesh):  # the model pins its activations to this mesh (sharding.ACTIVATION_RULES)
-        loss, accuracy = train_step(model, optimizer, batch, label_smoothing=tc["label_smoothing"],
-                                    aux_weight=config["model"]["moe"]["aux_weight"])
+        batch = sharding.shard_batch(mesh, dataset.task.prepare(model, host_batch, dataset.head))
+        loss, metrics = train_step(model, optimizer, batch, task=dataset.task, head=dataset.head,
+                                   options=loss_options[dataset.name])
+      batches_seen[drawn[step - 1]] += 1
       window_images += int((host_batch["labels"] >= 0).sum())
       window_steps += 1
+      window_flops += flops_per_step[dataset.name]
       is_log, is_save = step % tc["log_every"] == 0 or step == tc["steps"], step % tc["checkpoint_every"] == 0
       if is_log or is_save or step == tc["steps"]:
         loss = float(loss)
@@ -179,44 +149,55 @@ def train(data_dir: str, workdir: str, config: dict, log=print) -> dict:
           raise FloatingPointError(f"train: loss is {loss} at step {step}; stopped, the last good checkpoint "
                                    f"(step {manager.latest_step()}) is kept in {workdir}/checkpoints")
       if is_log:
-        elapsed = time.perf_counter() - window_start
-        row = {"step": step, "loss": loss, "accuracy": float(accuracy), "learning_rate": float(schedule(step - 1)),
-               "images_per_second": window_images / max(elapsed, 1e-9),
-               "steps_per_second": window_steps / max(elapsed, 1e-9)}
-        row["tflops_per_second"] = flops_per_step * row["steps_per_second"] / 1e12
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        row = {"step": step, "loss": loss, **metrics, "learning_rate": float(schedule(step - 1)),
+               "images_per_second": window_images / elapsed, "steps_per_second": window_steps / elapsed,
+               "tflops_per_second": window_flops / elapsed / 1e12, "dataset": dataset.name,
+               "mixture": {d.name: int(n) for d, n in zip(datasets, batches_seen)}}
         row["mfu"] = row["tflops_per_second"] / (peak * len(jax.devices())) if peak else None
         _append_jsonl(metrics_path, row)
         with summaries.as_default(step=step):
-          for key in ("loss", "accuracy", "learning_rate", "images_per_second", "tflops_per_second"):
+          for key in ("loss", *metrics, "learning_rate", "images_per_second", "tflops_per_second"):
             tf.summary.scalar(key, row[key])
         mfu = f" MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-        log(f"train: step {step}/{tc['steps']} loss {loss:.4f} accuracy {row['accuracy']:.3f} "
+        log(f"train: step {step}/{tc['steps']} loss {loss:.4f} {_describe(metrics)} "
             f"lr {row['learning_rate']:.2e} {row['images_per_second']:.0f} img/s "
             f"{row['tflops_per_second'] * 1e3:.1f} GFLOP/s{mfu}")
-        window_start, window_images, window_steps = time.perf_counter(), 0, 0
+        window_start, window_images, window_steps, window_flops = time.perf_counter(), 0, 0, 0.0
       if is_save or step == tc["steps"]:
-        checkpointing.save(manager, step, model, optimizer, data_position(step, config, info, num_sequences))
+        position = mixture.data_position(step, config, datasets, num_sequences)
+        checkpointing.save(manager, step, model, optimizer, position)
   finally:
-    train_records.close()  # its gs:// reader threads, also when the loss goes NaN
+    for r in records.values():
+      r.close()  # their gs:// reader threads, also when the loss goes NaN
   manager.wait_until_finished()
   summaries.flush()
   final = {"step": tc["steps"], "loss": float(loss), "params_sha256": checkpointing.params_sha256(model)}
-  if val_data is not None:
-    final["val"] = evaluate_split(model, val_data, tc["batch_size"])
-    log(f"train: validation accuracy {final['val']['accuracy']:.3f} on {final['val']['images']} images")
-  write_lineage(workdir, "train", config, {"shards": data_dir})
+  val = {d.name: d.task.evaluate(model, val_data[d.name], d.head, tc["batch_size"]) for d in datasets
+         if d.name in val_data}
+  for name, metrics in val.items():
+    log(f"train: validation ({name}) {_describe(metrics)}")
+  if val:  # a run on one dataset writes its metrics as such runs always have; a mixture, each dataset's by name
+    final["val"] = val[datasets[0].name] if len(datasets) == 1 else val
+  write_lineage(workdir, "train", config,
+                {"shards" if len(datasets) == 1 else f"shards/{d.name}": d.shards for d in datasets})
   with open(os.path.join(workdir, "final.json.tmp"), "w", encoding="utf-8") as f:
     json.dump(final, f, indent=1, sort_keys=True)
   os.replace(os.path.join(workdir, "final.json.tmp"), os.path.join(workdir, "final.json"))
   return final
 
 
+def _describe(metrics: dict) -> str:
+  return " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
 def load_trained_model(workdir: str):
   """The model of a finished (or interrupted) run, restored from its newest checkpoint, and its config."""
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     saved = json.load(f)
-  config, info = saved["config"], saved["dataset_info"]
-  model = build_model(config["model"], info, config["seed"])
+  config, datasets = saved["config"], mixture.saved_datasets(saved)
+  model = mixture.model_task(datasets).build_model(config["model"], datasets, config["seed"])
   optimizer, _ = make_optimizer(model, config["train"])
   manager = checkpointing.checkpoint_manager(workdir, config["train"]["keep_checkpoints"])
   if checkpointing.restore_latest(manager, model, optimizer) is None:
@@ -227,7 +208,7 @@ def load_trained_model(workdir: str):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m trainers.train", description=__doc__.splitlines()[0])
-  parser.add_argument("--data", required=True)
+  parser.add_argument("--data", help="a shard directory; omit it when the config's `data` names the datasets")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--config", default="smoke")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

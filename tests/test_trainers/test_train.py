@@ -10,9 +10,13 @@ from schemas.dataset_info import read_dataset_info
 from schemas.errors import ContractError
 from schemas.shards import load_split
 from trainers.configs import apply_overrides, load_config
-from trainers.input_pipeline import MODEL_INPUTS, batch_indices
+from flax.core import FrozenDict
+from trainers.input_pipeline import batch_indices
 from trainers.model import build_model
-from trainers.train import load_trained_model, make_optimizer, slot_loss_and_accuracy, train, train_step
+from trainers.tasks import classification
+from trainers.tasks.classification import FIELDS, slot_loss_and_accuracy
+from trainers.tasks.task import Head
+from trainers.train import load_trained_model, make_optimizer, train, train_step
 
 TINY = {"train.steps": 6, "train.checkpoint_every": 3, "train.log_every": 2, "train.batch_size": 4,
         "train.warmup_steps": 2, "model.width": 32, "model.depth": 1, "model.heads": 2, "model.mlp_dim": 32}
@@ -22,14 +26,20 @@ def _config(**extra):
   return apply_overrides(load_config("smoke"), {**TINY, **extra})
 
 
+def _step(model, optimizer, batch, info, **loss_options):
+  """One classification train step through the model's only head."""
+  return train_step(model, optimizer, batch, classification.TASK, Head("data", info["num_classes"]),
+                    FrozenDict(loss_options))
+
+
 def test_train_step_reduces_loss_on_a_fixed_batch(shard_dir):
   info = read_dataset_info(str(shard_dir))
   data = load_split(str(shard_dir), "train", info)
-  batch = {k: data[k][:4] for k in MODEL_INPUTS}
+  batch = {k: data[k][:4] for k in FIELDS}
   config = _config(**{"train.learning_rate": 1e-2, "train.warmup_steps": 1, "train.steps": 30})
   model = build_model(config["model"], info, 0)
   optimizer, _ = make_optimizer(model, config["train"])
-  losses = [float(train_step(model, optimizer, batch)[0]) for _ in range(25)]
+  losses = [float(_step(model, optimizer, batch, info)[0]) for _ in range(25)]
   assert losses[-1] < 0.5 * losses[0]
 
 
@@ -47,7 +57,7 @@ def test_images_in_one_sequence_never_see_each_other(shard_dir, variant):
   info = read_dataset_info(str(shard_dir))
   data = load_split(str(shard_dir), "train", info)
   row = int(np.argmax((data["labels"] >= 0).sum(1)))  # a sequence with several images
-  batch = {k: data[k][row:row + 1] for k in MODEL_INPUTS}
+  batch = {k: data[k][row:row + 1] for k in FIELDS}
   assert (batch["labels"] >= 0).sum() >= 2
   model = build_model(_config(**VARIANTS[variant])["model"], info, 0)
   # A random head so logits depend on the (layer-normed, zero-mean) features; the trained head starts at zero.
@@ -70,14 +80,14 @@ def test_images_in_one_sequence_never_see_each_other(shard_dir, variant):
 def test_every_model_option_trains(shard_dir):
   info = read_dataset_info(str(shard_dir))
   data = load_split(str(shard_dir), "train", info)
-  batch = {k: data[k][:4] for k in MODEL_INPUTS}
+  batch = {k: data[k][:4] for k in FIELDS}
   config = _config(**{**VARIANTS["vit22b_recipe"], **VARIANTS["fractional_map"], "model.token_drop": 0.25,
                       "model.dropout": 0.1, "train.label_smoothing": 0.1, "train.learning_rate": 1e-2,
                       "train.warmup_steps": 1, "train.steps": 30})
   model = build_model(config["model"], info, 0)
   optimizer, _ = make_optimizer(model, config["train"])
   model.train()
-  losses = [float(train_step(model, optimizer, batch, label_smoothing=0.1)[0]) for _ in range(25)]
+  losses = [float(_step(model, optimizer, batch, info, label_smoothing=0.1)[0]) for _ in range(25)]
   assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
 
 
@@ -141,7 +151,7 @@ def test_unknown_schema_fingerprint_is_refused(shard_dir, tmp_path):
 def test_moe_model_trains_with_either_router(shard_dir, router):
   info = read_dataset_info(str(shard_dir))
   data = load_split(str(shard_dir), "train", info)
-  batch = {k: data[k][:4] for k in MODEL_INPUTS}
+  batch = {k: data[k][:4] for k in FIELDS}
   config = _config(**{"model.moe.num_experts": 4, "model.moe.k": 2, "model.moe.router": router,
                       "train.learning_rate": 1e-2, "train.warmup_steps": 1, "train.steps": 30})
   model = build_model(config["model"], info, 0)
@@ -154,10 +164,10 @@ def test_moe_model_trains_with_either_router(shard_dir, router):
   optimizer, _ = make_optimizer(model, config["train"])
   with warnings.catch_warnings():
     warnings.simplefilter("error", DeprecationWarning)  # no Module.sow outside nnx.capture
-    weighted = float(train_step(model, optimizer, batch, aux_weight=0.5)[0])
+    weighted = float(_step(model, optimizer, batch, info, aux_weight=0.5)[0])
   assert weighted == pytest.approx(float(plain) + 0.5 * float(aux), rel=1e-5)
   model.train()
-  losses = [float(train_step(model, optimizer, batch, aux_weight=0.01)[0]) for _ in range(20)]
+  losses = [float(_step(model, optimizer, batch, info, aux_weight=0.01)[0]) for _ in range(20)]
   assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
   # The isolation guarantee holds with experts too: routing is per token, padding is never routed.
   model.eval()
