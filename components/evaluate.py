@@ -46,3 +46,18 @@ def evaluate_model(shards: Input[Dataset], checkpoints: Input[Model], evaluation
   rows = run_cached("evaluate_model", ("evaluators", "trainers", "schemas"), {},
                     {"shards": shards.path, "checkpoints": checkpoints.path}, {"evaluation": evaluation.path}, work)
   evaluation.metadata.update({"methods": [r["method"] for r in rows]})
+
+
+@component
+def evaluate_localisation(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Output[Dataset],
+                          metrics: Output[Metrics]):
+  from components.step_cache import run_cached
+
+  def work():
+    from evaluators.tubelets import evaluate_localisation as run_evaluation
+    return run_evaluation(shards.path, checkpoint.path, evaluation.path)
+  result = run_cached("evaluate_localisation", ("evaluators", "trainers", "schemas"), {},
+                      {"shards": shards.path, "checkpoint": checkpoint.path}, {"evaluation": evaluation.path}, work)
+  for name in ("frame_map@0.5", "video_map@0.2", "video_map@0.5"):
+    if result[name] is not None:
+      metrics.log_metric(name, result[name])

@@ -31,3 +31,17 @@ def study_report(evaluations: Input[List[Dataset]], report: Output[HTML]):
   rows = run_cached("study_report", ("evaluators", "schemas"), {},
                     {f"evaluation-{i}": e.path for i, e in enumerate(evaluations)}, {"report": report.path}, work)
   report.metadata.update({"rows": len(rows)})
+
+
+@component
+def localisation_report(shards: Input[Dataset], checkpoint: Input[Model], evaluation: Input[Dataset],
+                        report: Output[HTML]):
+  from components.step_cache import run_cached
+
+  def work():
+    from evaluators.tubelets import render_localisation_report
+    return render_localisation_report(shards.path, evaluation.path, report.path, train_dir=checkpoint.path)
+  summary = run_cached("localisation_report", ("evaluators", "schemas"), {},
+                       {"shards": shards.path, "checkpoint": checkpoint.path, "evaluation": evaluation.path},
+                       {"report": report.path}, work)
+  report.metadata.update(summary)

@@ -18,7 +18,6 @@ from components import evaluate as evaluate_steps
 from components import report as report_steps
 from components import train as train_steps
 from pipelines.synthetic_shards import with_synthetic_shards
-from pipelines.targets import configure_task
 
 SIZES = {"S": {"width": 32, "depth": 1}, "M": {"width": 64, "depth": 2}}
 METHODS = [{"method": "deterministic", "temperature_scaling": True},
@@ -34,23 +33,18 @@ PARALLELISM = 2
 
 def build(target: dict | None = None):
   """The study pipeline, with a runtime target's image and resources applied to each step (None: as is)."""
-  on = lambda task, name: configure_task(task, name, target)
 
   @dsl.pipeline(name="calibration-study", description="Model sizes x uncertainty methods on the synthetic "
                 "source: accuracy, NLL and ECE in distribution and under shift, leaderboard and ECE-vs-accuracy")
-  @with_synthetic_shards(target)
+  @with_synthetic_shards("images", target)
   def calibration_study(shards: dsl.Dataset, seed: int, config: str = "smoke", overrides: dict = {},
                         steps: int = 60, batch_size: int = 0, learning_rate: float = 0.0,
                         models: list = DEFAULT_MODELS) -> dsl.HTML:
     with dsl.ParallelFor(models, parallelism=PARALLELISM) as model:
-      trained = on(train_steps.train_model(shards=shards, model=model, config=config, overrides=overrides,
-                                           seed=seed, steps=steps, batch_size=batch_size,
-                                           learning_rate=learning_rate), "train-model")
-      evaluated = on(evaluate_steps.evaluate_model(shards=shards, checkpoints=trained.outputs["checkpoints"]),
-                     "evaluate-model")
-    report = on(report_steps.study_report(evaluations=dsl.Collected(evaluated.outputs["evaluation"])),
-                "study-report")
-    return report.outputs["report"]
+      trained = train_steps.train_model(shards=shards, model=model, config=config, overrides=overrides, seed=seed,
+                                        steps=steps, batch_size=batch_size, learning_rate=learning_rate)
+      evaluated = evaluate_steps.evaluate_model(shards=shards, checkpoints=trained.outputs["checkpoints"])
+    return report_steps.study_report(evaluations=dsl.Collected(evaluated.outputs["evaluation"])).outputs["report"]
 
   return calibration_study
 

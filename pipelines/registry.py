@@ -1,22 +1,15 @@
 """Pipeline registry: name -> KFP pipeline function. A small dict, not a plugin system."""
 
+import importlib
 import inspect
 import json
 
 from schemas.errors import ContractError
 
 
-def _smoke(target):
-  from pipelines.smoke import build
-  return build(target)
-
-
-def _calibration_study(target):
-  from pipelines.calibration_study import build
-  return build(target)
-
-
-_PIPELINES = {"smoke": _smoke, "calibration_study": _calibration_study}
+# name -> the module whose build(target) defines it; imported on first use (each imports kfp and its components).
+_PIPELINES = {"smoke": "pipelines.smoke", "calibration_study": "pipelines.calibration_study",
+              "action_localisation": "pipelines.action_localisation"}
 
 
 def names() -> list[str]:
@@ -28,7 +21,7 @@ def get_pipeline(name: str, target: str | None = None):
   if name not in _PIPELINES:
     raise ContractError(f"unknown pipeline {name!r} (known: {', '.join(names())})")
   from pipelines.targets import get_target
-  return _PIPELINES[name](get_target(target) if target else None)
+  return importlib.import_module(_PIPELINES[name]).build(get_target(target) if target else None)
 
 
 def signature(pipeline) -> dict[str, tuple[type, object]]:

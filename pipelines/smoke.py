@@ -12,26 +12,23 @@ from components import evaluate as evaluate_steps
 from components import report as report_steps
 from components import train as train_steps
 from pipelines.synthetic_shards import with_synthetic_shards
-from pipelines.targets import configure_task
 
 
 def build(target: dict | None = None):
   """The smoke pipeline, with a runtime target's image and resources applied to each step (None: as is)."""
-  on = lambda task, name: configure_task(task, name, target)
 
   @dsl.pipeline(name="smoke", description="Synthetic multimodal data -> packed shards -> NaViT checkpoint -> "
                 "predictions, calibration metrics -> report.html")
-  @with_synthetic_shards(target)
+  @with_synthetic_shards("images", target)
   def smoke(shards: dsl.Dataset, seed: int, config: str = "smoke", overrides: dict = {}, steps: int = 0,
             batch_size: int = 0, learning_rate: float = 0.0, width: int = 0, depth: int = 0) -> dsl.HTML:
-    checkpoint = on(train_steps.train(shards=shards, config=config, overrides=overrides, seed=seed, steps=steps,
-                                      batch_size=batch_size, learning_rate=learning_rate, width=width, depth=depth),
-                    "train").outputs["checkpoint"]
-    evaluation = on(evaluate_steps.evaluate(shards=shards, checkpoint=checkpoint), "evaluate").outputs["evaluation"]
-    calibration = on(evaluate_steps.calibrate(evaluation=evaluation), "calibrate").outputs["calibration"]
-    report = on(report_steps.report(shards=shards, checkpoint=checkpoint, evaluation=evaluation,
-                                    calibration=calibration), "report")
-    return report.outputs["report"]
+    checkpoint = train_steps.train(shards=shards, config=config, overrides=overrides, seed=seed, steps=steps,
+                                   batch_size=batch_size, learning_rate=learning_rate, width=width,
+                                   depth=depth).outputs["checkpoint"]
+    evaluation = evaluate_steps.evaluate(shards=shards, checkpoint=checkpoint).outputs["evaluation"]
+    calibration = evaluate_steps.calibrate(evaluation=evaluation).outputs["calibration"]
+    return report_steps.report(shards=shards, checkpoint=checkpoint, evaluation=evaluation,
+                               calibration=calibration).outputs["report"]
 
   return smoke
 

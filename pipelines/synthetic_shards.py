@@ -1,54 +1,78 @@
-"""The data -> shards prefix of every pipeline: the synthetic source, then packed shards.
+"""The data -> shards prefix of every pipeline: a synthetic source, then packed shards.
 
   @dsl.pipeline(name="smoke")
-  @with_synthetic_shards(target)
+  @with_synthetic_shards("images", target)
   def smoke(shards: dsl.Dataset, seed: int, config: str = "smoke", ...) -> dsl.HTML: ...
 
-The pipeline's parameters are the data parameters (DEFAULTS) followed by the body's own; the body receives the
-built shards and may ask for any data parameter by name (`seed`). The two tasks keep their names
-(`make-synthetic-data`, `build-shards`) in every pipeline, so targets.yaml and the step cache treat them alike.
+The pipeline's parameters are the source's (its SOURCES entry: generator and shard parameters) followed by the
+body's own; the body receives the built shards and may ask for any source parameter by name (`seed`). The two
+tasks keep their names (`make-<source>`, `build-shards`) in every pipeline, so targets.yaml and the step cache
+treat them alike. Every task of the pipeline gets the runtime target's settings for its name (targets.yaml).
 """
 
+import dataclasses
 import functools
 import inspect
 import json
 
+from kfp.dsl import pipeline_context
+
 from components import data
 from pipelines.targets import configure_task
 
-# Parameter defaults of every pipeline that starts from the synthetic source; the shard options' defaults are
-# ShardOptions' own, except a per-image patch budget sized for these small images.
-DEFAULTS = {"seed": 0, "num_train": 600, "num_val": 150, "num_test": 150,
-            **data.SHARD_DEFAULTS, "max_patches_per_image": 64}
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  make: object               # the component that writes the data set (manifest.jsonl and its files)
+  defaults: dict             # the generator's parameters and their defaults
+  shard_defaults: dict       # the shard options exposed as parameters (ShardOptions' defaults unless stated)
+  fixed_options: dict = dataclasses.field(default_factory=dict)  # shard options fixed for this source
 
 
-def synthetic_shards(target: dict | None, seed, num_train, num_val, num_test, seq_len, patch_size, max_images,
-                     max_patches_per_image, num_shards):
-  """Adds the two tasks to the pipeline being defined; returns the build-shards task."""
-  source = configure_task(data.make_synthetic_data(seed=seed, num_train=num_train, num_val=num_val,
-                                                   num_test=num_test), "make-synthetic-data", target)
-  return configure_task(data.build_shards(
-      data=source.outputs["data"], seq_len=seq_len, patch_size=patch_size, max_images=max_images,
-      max_patches_per_image=max_patches_per_image, num_shards=num_shards,
-      beam_args=json.dumps((target or {}).get("beam_args", []))), "build-shards", target)
+SOURCES = {
+    # Images of 1-3 shapes, up to 160 px: a per-image patch budget sized for them.
+    "images": Source(data.make_synthetic_data,
+                     {"seed": 0, "num_train": 600, "num_val": 150, "num_test": 150},
+                     {**data.SHARD_DEFAULTS, "max_patches_per_image": 64}),
+    # Clips of 16 frames at 64 px, 8 sampled: 16 patches of 16 px per frame, 128 tokens per clip, 4 per sequence.
+    "action_clips": Source(data.make_action_clips,
+                           {"seed": 0, "num_train": 400, "num_val": 100, "num_test": 100, "frames": 16, "size": 64},
+                           {**data.SHARD_DEFAULTS, "seq_len": 512, "max_images": 4, "max_patches_per_image": 128},
+                           {"video": True, "video_frames": 8}),
+}
 
 
-def with_synthetic_shards(target: dict | None):
+def synthetic_shards(source: str, target: dict | None, **values):
+  """Adds the source's two tasks to the pipeline being defined; returns the build-shards task."""
+  spec = SOURCES[source]
+  made = spec.make(**{name: values[name] for name in spec.defaults})
+  return data.build_shards(data=made.outputs["data"], **{name: values[name] for name in spec.shard_defaults},
+                           beam_args=json.dumps((target or {}).get("beam_args", [])),
+                           fixed_options=json.dumps(spec.fixed_options, sort_keys=True))
+
+
+def with_synthetic_shards(source: str, target: dict | None):
   """Decorates a pipeline body `body(shards, ...)` into a pipeline function whose signature (which KFP reads)
-  is DEFAULTS' parameters, then the body's own after `shards`."""
+  is the source's parameters, then the body's own after `shards`; then applies the runtime target's image and
+  resources to every task of the pipeline by its name (None: as is)."""
+  defaults = {**SOURCES[source].defaults, **SOURCES[source].shard_defaults}
+
   def decorate(body):
     body_parameters = list(inspect.signature(body).parameters.values())[1:]
-    own = [p for p in body_parameters if p.name not in DEFAULTS]
+    own = [p for p in body_parameters if p.name not in defaults]
     signature = inspect.Signature(
         [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=type(value))
-         for name, value in DEFAULTS.items()] + own, return_annotation=inspect.signature(body).return_annotation)
+         for name, value in defaults.items()] + own, return_annotation=inspect.signature(body).return_annotation)
 
     @functools.wraps(body)
     def pipeline(*args, **kwargs):
       values = signature.bind(*args, **kwargs)
       values.apply_defaults()
-      shards = synthetic_shards(target, **{name: values.arguments[name] for name in DEFAULTS})
-      return body(shards.outputs["shards"], **{p.name: values.arguments[p.name] for p in body_parameters})
+      shards = synthetic_shards(source, target, **values.arguments)
+      output = body(shards.outputs["shards"], **{p.name: values.arguments[p.name] for p in body_parameters})
+      for name, task in pipeline_context.Pipeline.get_default_pipeline().tasks.items():
+        configure_task(task, name, target)
+      return output
 
     pipeline.__signature__ = signature
     pipeline.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}

@@ -26,7 +26,7 @@ def test_compile_writes_kfp_ir_with_every_step(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "nope"], "unknown pipeline 'nope' (known: calibration_study, smoke)"),
+    (["run", "nope"], "unknown pipeline 'nope' (known: action_localisation, calibration_study, smoke)"),
     (["run", "smoke", "--set", "steps=ten"], "parameter 'steps': expected int, got 'ten'"),
     (["run", "smoke", "--set", "learning_rate=fast"], "parameter 'learning_rate': expected float"),
     (["run", "smoke", "--set", "stepz=3"], "unknown parameter 'stepz' for pipeline 'smoke'"),
@@ -225,3 +225,13 @@ def test_a_bad_train_config_is_refused_before_the_run_starts(argv, message, caps
   err = capsys.readouterr().err.strip()
   assert err.startswith("patchflow: error: ") and message in err and "\n" not in err
   assert not list(tmp_path.iterdir())  # no run directory, no history entry
+
+
+@pytest.mark.parametrize("pipeline", registry.names())
+def test_every_pipeline_compiles_for_every_target(pipeline, tmp_path):
+  from pipelines.targets import load_targets
+  for target, settings in load_targets().items():
+    out = tmp_path / f"{pipeline}-{target}.yaml"
+    assert main(["compile", pipeline, "--target", target, "--output", str(out)]) == 0
+    executors = yaml.safe_load(out.read_text())["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {settings["image"]}
