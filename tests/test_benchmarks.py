@@ -75,7 +75,8 @@ def test_video_throughput_benchmark_runs_end_to_end_on_a_few_clips(capsys):
   # wall s, clips/s, job/floor, CPU s, clips/CPU-s, job/floor, of it sys; the job's row adds its rounds' ratios.
   assert len(rows["PyAV decode loop (floor)"]) == 7 and len(rows["build_shards, 1 worker"]) == 8
   assert rows["PyAV decode loop (floor)"][2] == rows["PyAV decode loop (floor)"][5] == 1.0
-  assert all(v > 0 for v in rows["build_shards, 1 worker"])
+  job = rows["build_shards, 1 worker"]
+  assert all(v > 0 for i, v in enumerate(job) if i != 6) and job[6] >= 0  # a tiny job's system time can round to 0
   assert re.search(r"^Beam's start-up: a 12-clip job takes [0-9.]+ s wall, [0-9.]+ CPU-s \([0-9]+% ", out, re.M)
 
 
