@@ -99,3 +99,42 @@ def accuracy_and_ece_under_shift(per_split: dict) -> bytes:
   ax.set(ylim=(0, 1), title="Accuracy and calibration per split")
   ax.legend(fontsize=8)
   return _png(fig)
+
+
+def loss_curves(rows: list[dict], keys: tuple[str, ...], title: str = "Training curve") -> bytes:
+  """The logged train losses `keys` (those the rows carry) against the step."""
+  steps = [r["step"] for r in rows]
+  fig, ax = plt.subplots(figsize=(6, 3))
+  for key in keys:
+    if rows and key in rows[0]:
+      ax.plot(steps, [r[key] for r in rows], marker="o", markersize=3, label=key.replace("_", " "))
+  ax.set(xlabel="step", ylabel="loss", title=title)
+  ax.legend(fontsize=8)
+  return _png(fig)
+
+
+def tubelet_frames(clips: list[dict]) -> bytes:
+  """A grid of frames, one row per clip, with boxes: true tubes in green, detected ones in red with their label
+  and score. clips: [{"title": str, "frames": [{"image": uint8 [H, W, 3], "t": source frame index,
+  "truth": [(name, box)], "detected": [(name, score, box)]}]}], boxes (ymin, xmin, ymax, xmax) in [0, 1]."""
+  columns = max(len(clip["frames"]) for clip in clips)
+  fig, axes = plt.subplots(len(clips), columns, figsize=(2.4 * columns, 2.6 * len(clips)), squeeze=False)
+  for row, clip in zip(axes, clips):
+    for ax in row:
+      ax.axis("off")
+    for ax, frame in zip(row, clip["frames"]):
+      height, width = frame["image"].shape[:2]
+      ax.imshow(frame["image"], interpolation="nearest")
+      ax.set_title(f"{clip['title']} t={frame['t']}", fontsize=8)
+
+      def draw(box, color, text, below):  # truth labelled under its box, detections above, so both stay legible
+        ymin, xmin, ymax, xmax = box
+        ax.add_patch(plt.Rectangle((xmin * width - 0.5, ymin * height - 0.5), (xmax - xmin) * width,
+                                   (ymax - ymin) * height, fill=False, edgecolor=color, linewidth=1.5))
+        ax.text(xmin * width, (ymax if below else ymin) * height, text, color="white", fontsize=6,
+                va="top" if below else "bottom", bbox={"facecolor": color, "alpha": 0.7, "pad": 0.5, "linewidth": 0})
+      for name, box in frame["truth"]:
+        draw(box, "#1a7f37", name, below=True)
+      for name, score, box in frame["detected"]:
+        draw(box, "#c62828", f"{name} {score:.2f}", below=False)
+  return _png(fig)

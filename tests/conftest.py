@@ -27,6 +27,20 @@ def shard_dir(synthetic_dir, tmp_path_factory):
   return out
 
 
+@pytest.fixture(scope="session")
+def tubelet_shard_dir(tmp_path_factory):
+  """A few synthetic action clips (32 px, 8 frames, 4 sampled: 16 tokens a clip) in tubelet shards."""
+  from beam_jobs.build_shards import build_shards
+  from beam_jobs.options import ShardOptions
+  from beam_jobs.synthetic_actions import generate_action_clips
+  clips = tmp_path_factory.mktemp("action_clips")
+  generate_action_clips(str(clips), seed=1, splits={"train": 6, "val": 2, "test": 3}, frames=8, size=32)
+  out = tmp_path_factory.mktemp("tubelet_shards")
+  build_shards(str(clips / "manifest.jsonl"), str(out),
+               ShardOptions(seq_len=32, patch_size=16, max_images=2, video=True, video_frames=4, num_shards=1))
+  return out
+
+
 @pytest.fixture
 def gcs_emulator(monkeypatch):
   """A local GCS emulator (gcp-storage-emulator) with bucket `patchflow-test`; clients reach it through

@@ -27,7 +27,7 @@ from trainers.tasks.task import Head, Task
 SINGLE = "data"  # the name of the one dataset given as --data
 DATASET_KEYS = ("shards", "task", "head")
 DEFAULT_TASK = "classification"
-# What config.json keeps of a dataset_info: every shape a model is built from.
+# What config.json keeps of a dataset_info: every shape a model is built from (with its task's `info_keys`).
 SAVED_INFO_KEYS = ("fingerprint", "seq_len", "patch_size", "max_images", "num_classes", "max_patches_per_image")
 
 
@@ -50,7 +50,7 @@ def datasets_of(config: dict, data_dir: str | None) -> tuple[Dataset, ...]:
 def saved_record(datasets) -> dict:
   """config.json's `data` (where the shards are) and `dataset_info` (their shapes)."""
   return {"data": by_dataset(datasets, lambda d: d.shards if storage.is_gcs(d.shards) else os.path.abspath(d.shards)),
-          "dataset_info": by_dataset(datasets, lambda d: {k: d.info[k] for k in SAVED_INFO_KEYS})}
+          "dataset_info": by_dataset(datasets, lambda d: {k: d.info[k] for k in SAVED_INFO_KEYS + d.task.info_keys})}
 
 
 def saved_datasets(saved: dict) -> tuple[Dataset, ...]:

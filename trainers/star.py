@@ -102,9 +102,10 @@ class DecoderBlock(nnx.Module):
 class STAR(nnx.Module):
 
   def __init__(self, cfg: dict, *, patch_dim: int, num_classes: int, max_videos: int, max_grid: int,
-               num_frames: int, rngs: nnx.Rngs):
+               num_frames: int, max_actors: int, rngs: nnx.Rngs):
     width = cfg["width"]
     self.num_classes, self.max_videos, self.num_frames = num_classes, max_videos, num_frames
+    self.max_actors = max_actors  # A of its targets (schemas.shards.tubelet_arrays); no parameter depends on it
     self.dtype = DTYPES[cfg["dtype"]]
     init = nnx.initializers.normal(0.02)
     self.embed = dense(patch_dim, width, cfg, rngs)
@@ -160,10 +161,11 @@ class STAR(nnx.Module):
 
 
 def build_star(model_config: dict, info: dict, seed: int) -> STAR:
-  """The model for a video dataset: shapes from dataset_info (frames: the shard options' `video_frames`)."""
+  """The model for a video dataset: shapes from dataset_info (F = `max_frames`, A = `max_actors`)."""
   return STAR(model_config, patch_dim=info["patch_size"] ** 2 * 3, num_classes=info["num_classes"],
               max_videos=info["max_images"], max_grid=info.get("max_patches_per_image") or info["seq_len"],
-              num_frames=info["options"]["video_frames"], rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+              num_frames=info["max_frames"], max_actors=info["max_actors"],
+              rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
 # ------------------------------------------------------------------------------------------ matching, loss

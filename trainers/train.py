@@ -23,6 +23,7 @@ from flax.core import FrozenDict
 
 from schemas.errors import ContractError
 from schemas.lineage import write_lineage
+from schemas.packed import EMPTY_SLOT_LABEL
 from schemas.shards import PackedRecords, load_split
 from trainers import checkpointing, mixture, sharding
 from trainers.configs import apply_overrides, load_config
@@ -138,7 +139,7 @@ def train(data_dir: str | None, workdir: str, config: dict, log=print) -> dict:
         loss, metrics = train_step(model, optimizer, batch, task=dataset.task, head=dataset.head,
                                    options=loss_options[dataset.name])
       batches_seen[drawn[step - 1]] += 1
-      window_images += int((host_batch["labels"] >= 0).sum())
+      window_images += int((host_batch["labels"] != EMPTY_SLOT_LABEL).sum())  # clips without a label (-2) count
       window_steps += 1
       window_flops += flops_per_step[dataset.name]
       is_log, is_save = step % tc["log_every"] == 0 or step == tc["steps"], step % tc["checkpoint_every"] == 0

@@ -151,7 +151,7 @@ CONFIG = load_config("star_tiny")
 
 def _model(seed=0):
   return STAR(CONFIG["model"], patch_dim=PATCH * PATCH * 3, num_classes=NUM_CLASSES, max_videos=MAX_VIDEOS,
-              max_grid=SIZE // PATCH, num_frames=FRAMES, rngs=nnx.Rngs(seed))
+              max_grid=SIZE // PATCH, num_frames=FRAMES, max_actors=MAX_ACTORS, rngs=nnx.Rngs(seed))
 
 
 def _outputs(model, batch):

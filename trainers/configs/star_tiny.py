@@ -15,6 +15,7 @@ from trainers.configs import smoke
 
 def get_config() -> dict:
   config = smoke.get_config()
+  config["task"] = "tubelets"
   config["model"] = {"width": 64, "depth": 2, "heads": 4, "mlp_dim": 128, "parallel_block": False,
                      "qk_norm": False, "use_bias": True, "dtype": "float32", "decoder_depth": 2, "num_queries": 8}
   config["loss"] = {"class": 1.0, "l1": 5.0, "giou": 2.0, "no_action": 0.3}  # trainers.star.LOSS_WEIGHTS

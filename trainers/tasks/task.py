@@ -41,7 +41,10 @@ class Task:
   evaluate(model, data, head, batch_size) -> {name: number}: the eval outputs on a loaded split (numpy arrays
     of `fields`), written to final.json.
   prepare(model, batch, head) -> batch: a host step before each train step, outside jit, on the batch's
-    numpy arrays; it may run the model (e.g. to match predictions to targets) and add fields for the loss.
+    numpy arrays; it may run the model (e.g. to match predictions to targets), turn the shard's fields into
+    the arrays the loss reads, and add fields for the loss.
+  info_keys: the dataset_info keys its model is built from beyond every task's (trainers.mixture.SAVED_INFO_KEYS),
+    which config.json keeps so that a trained model can be rebuilt without the shards.
   """
   name: str
   fields: tuple[str, ...]
@@ -50,3 +53,4 @@ class Task:
   loss: Callable
   evaluate: Callable
   prepare: Callable = _unchanged
+  info_keys: tuple[str, ...] = ()
