@@ -44,6 +44,7 @@ def _slots(shard_dir, info):
         assert (tubes["frame_t"][b, m] == -1).all() and (tubes["tube_labels"][b, m] == -1).all()
 
 
+@pytest.mark.slow
 def test_every_actors_box_at_every_sampled_frame_reads_back_exactly(actions):
   info = _build(actions, actions / "S")
   manifest = {r["id"]: r for r in map(json.loads, (actions / "D" / "manifest.jsonl").read_text().splitlines())}

@@ -57,6 +57,7 @@ def test_draws_follow_the_weights_and_depend_only_on_seed_and_step():
   assert one.tolist() == [0] * 10 and numbers.tolist() == list(range(10))  # one dataset: today's batches
 
 
+@pytest.mark.slow
 def test_two_label_spaces_train_through_two_heads_and_resume_exactly(shard_dir, two_class_shards, tmp_path):
   config = _mixture_config(shard_dir, two_class_shards)
   whole = train(None, str(tmp_path / "whole"), config, log=lambda m: None)
@@ -89,6 +90,7 @@ def test_two_label_spaces_train_through_two_heads_and_resume_exactly(shard_dir, 
     train(None, str(tmp_path / "killed"), {**config, "data": {"colours": 1, "warm_cool": 1}}, log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_one_dataset_named_by_the_config_is_the_data_flag(shard_dir, tmp_path):
   config = apply_overrides(load_config("smoke"), {**TINY, "train.steps": 2})
   by_flag = train(str(shard_dir), str(tmp_path / "flag"), config, log=lambda m: None)

@@ -177,6 +177,7 @@ def _optimizer(model):
   return nnx.Optimizer(model, _ADAMW, wrt=nnx.Param)
 
 
+@pytest.mark.slow
 def test_outputs_have_the_documented_shapes(clips):
   outputs = _forward(_model(), clips)
   queries = CONFIG["model"]["num_queries"]
@@ -190,6 +191,7 @@ def test_outputs_have_the_documented_shapes(clips):
   assert (boxes[..., 2:] >= boxes[..., :2]).all()
 
 
+@pytest.mark.slow
 def test_gradients_flow_through_the_jitted_loss(clips):
   model = _model()
   loss, grads = _train_step(model, _optimizer(model), clips)
@@ -212,6 +214,7 @@ def test_packed_clips_never_see_each_other(clips):
     np.testing.assert_allclose(before[key][0, 1], after[key][0, 1], rtol=1e-5, atol=1e-6)  # clip 2 did not
 
 
+@pytest.mark.slow
 def test_two_clips_overfit_and_their_actions_are_recovered(clips):
   model = _model()
   optimizer = _optimizer(model)

@@ -49,6 +49,7 @@ def _set_loss(model, batch, head, host_calls):
   return jnp.where(real, matched, 0.0).sum() / jnp.maximum(real.sum(), 1), {"matched": real.sum()}
 
 
+@pytest.mark.slow
 def test_a_task_with_host_matching_in_its_loss_and_a_host_pre_step_trains(shard_dir, tmp_path, monkeypatch):
   host_calls, prepared = [], []
 

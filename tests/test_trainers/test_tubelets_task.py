@@ -52,6 +52,7 @@ def test_tubelets_train_and_resume_bit_identically(tubelet_shard_dir, tmp_path):
       saved["dataset_info"]["max_frames"], saved["dataset_info"]["max_actors"])
 
 
+@pytest.mark.slow
 def test_prepare_turns_shard_bytes_into_padded_tube_targets(tubelet_shard_dir):
   from schemas.dataset_info import read_dataset_info
   from schemas.shards import load_split
