@@ -29,6 +29,7 @@ DATASET_KEYS = ("shards", "task", "head")
 DEFAULT_TASK = "classification"
 # What config.json keeps of a dataset_info: every shape a model is built from.
 SAVED_INFO_KEYS = ("fingerprint", "seq_len", "patch_size", "max_images", "num_classes", "max_patches_per_image")
+VIDEO_INFO_KEYS = ("video", "options")  # and of video shards: the STAR family's frames (options.video_frames)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,12 @@ def datasets_of(config: dict, data_dir: str | None) -> tuple[Dataset, ...]:
 def saved_record(datasets) -> dict:
   """config.json's `data` (where the shards are) and `dataset_info` (their shapes)."""
   return {"data": by_dataset(datasets, lambda d: d.shards if storage.is_gcs(d.shards) else os.path.abspath(d.shards)),
-          "dataset_info": by_dataset(datasets, lambda d: {k: d.info[k] for k in SAVED_INFO_KEYS})}
+          "dataset_info": by_dataset(datasets, _saved_info)}
+
+
+def _saved_info(dataset: Dataset) -> dict:
+  keys = SAVED_INFO_KEYS + (VIDEO_INFO_KEYS if dataset.info.get("video") else ())
+  return {k: dataset.info[k] for k in keys}
 
 
 def saved_datasets(saved: dict) -> tuple[Dataset, ...]:
