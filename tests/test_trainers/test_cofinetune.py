@@ -15,7 +15,7 @@ from trainers.configs import apply_overrides, load_config
 from trainers.input_pipeline import mixture_draws
 from trainers.star import build_star
 from trainers.tasks import star_family, video_classification
-from trainers.tasks.task import Head, Task
+from trainers.tasks.task import Task
 from trainers.train import init_from, load_trained_model, train
 
 TINY = {"train.steps": 6, "train.checkpoint_every": 3, "train.log_every": 1, "train.batch_size": 4,
