@@ -69,13 +69,15 @@ def by_dataset(datasets, value_of):
 
 
 def model_task(datasets) -> Task:
-  """The task that builds the model: every dataset's. A mixture of tasks needs one model carrying each task's
-  heads, which no task builds yet."""
+  """The task whose build_model builds the run's model: the first dataset's. The datasets may name different
+  tasks of one model family (Task.family), whose builder gives each head the kind its task reads; tasks of
+  different families would need two models."""
   first = datasets[0]
   for dataset in datasets[1:]:
-    if dataset.task != first.task:
-      raise ContractError(f"datasets.{dataset.name}.task: {dataset.task.name!r}, but {first.name} is read by "
-                          f"{first.task.name!r}; one run trains one task's model")
+    if dataset.task.family != first.task.family:
+      raise ContractError(f"datasets.{dataset.name}.task: {dataset.task.name!r} trains a {dataset.task.family} model, "
+                          f"but {first.name}'s {first.task.name!r} trains a {first.task.family} model; one run trains "
+                          f"one model")
   return first.task
 
 
@@ -132,7 +134,7 @@ def _entries(config: dict, data_dir: str | None) -> dict[str, dict]:
 
 def _with_heads(entries: dict, infos: dict) -> tuple[Dataset, ...]:
   """The datasets with their heads: a head's label space is its datasets' (they must agree); the heads of a
-  task sit side by side in name order (Head.offset)."""
+  model family sit side by side in name order (Head.offset; NaViT's one output layer holds them all)."""
   readers = {}  # head name -> the first dataset that reads it
   for name, entry in entries.items():
     first = readers.setdefault(entry["head"], name)
@@ -144,7 +146,7 @@ def _with_heads(entries: dict, infos: dict) -> tuple[Dataset, ...]:
   for head_name in sorted(readers):
     first = readers[head_name]
     task, num_classes = entries[first]["task"], infos[first]["num_classes"]
-    heads[head_name] = Head(head_name, num_classes, next_offset.get(task.name, 0))
-    next_offset[task.name] = heads[head_name].offset + num_classes
+    heads[head_name] = Head(head_name, num_classes, next_offset.get(task.family, 0))
+    next_offset[task.family] = heads[head_name].offset + num_classes
   return tuple(Dataset(name, e["shards"], e["weight"], e["task"], heads[e["head"]], infos[name])
                for name, e in entries.items())

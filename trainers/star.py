@@ -99,10 +99,27 @@ class DecoderBlock(nnx.Module):
     return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm3(x))))
 
 
-class STAR(nnx.Module):
+class ClipHead(nnx.Module):
+  """A clip label per video slot: the mean of the slot's encoder tokens, then one linear layer (zero-initialised,
+  as NaViT's head, so training starts from uniform predictions)."""
 
-  def __init__(self, cfg: dict, *, patch_dim: int, num_classes: int, max_videos: int, max_grid: int,
-               num_frames: int, max_actors: int, rngs: nnx.Rngs):
+  def __init__(self, width: int, num_classes: int, *, rngs: nnx.Rngs):
+    self.out = nnx.Linear(width, num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+  def __call__(self, tokens, segment_ids, num_slots: int):
+    """tokens [B, L, D], segment_ids [B, L] -> logits [B, M, C] float32 (an empty slot pools nothing: bias only)."""
+    slots = (segment_ids[..., None] == jnp.arange(1, num_slots + 1)).astype(jnp.float32)  # [B, L, M]
+    pooled = jnp.einsum("blm,bld->bmd", slots, tokens.astype(jnp.float32))
+    return self.out(pooled / jnp.maximum(slots.sum(axis=1), 1.0)[..., None])
+
+
+class STAR(nnx.Module):
+  """The encoder, STAR's tubelet decoder (unless num_classes is None) and, after them, one ClipHead per name of
+  `clip_heads` ({name: classes}): heads of several tasks over one shared encoder (trainers/tasks/star_family.py).
+  Without clip heads it is the STAR of the module docstring, its parameters drawn in the same order."""
+
+  def __init__(self, cfg: dict, *, patch_dim: int, num_classes: int | None, max_videos: int, max_grid: int,
+               num_frames: int, max_actors: int, rngs: nnx.Rngs, clip_heads: dict[str, int] | None = None):
     width = cfg["width"]
     self.num_classes, self.max_videos, self.num_frames = num_classes, max_videos, num_frames
     self.max_actors = max_actors  # A of its targets (schemas.shards.tubelet_arrays); no parameter depends on it
@@ -114,11 +131,18 @@ class STAR(nnx.Module):
     self.pos_time = nnx.Param(init(rngs.params(), (num_frames, width)))
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg["depth"])])
     self.norm = layer_norm(width, cfg, rngs)
+    if num_classes is not None:
+      self._init_decoder(cfg, num_classes, rngs)
+    self.clip_heads = nnx.Dict({name: ClipHead(width, n, rngs=rngs) for name, n in clip_heads.items()}) \
+        if clip_heads else None
+
+  def _init_decoder(self, cfg: dict, num_classes: int, rngs: nnx.Rngs):
+    width = cfg["width"]
     # Queries start at unit scale (DETR's query embeddings): at 0.02 the first residual update would swamp
     # them, and queries that look alike predict alike (duplicate tubelets).
     query_init = nnx.initializers.normal(1.0)
     self.spatial_queries = nnx.Param(query_init(rngs.params(), (cfg["num_queries"], width)))
-    self.temporal_queries = nnx.Param(query_init(rngs.params(), (num_frames, width)))
+    self.temporal_queries = nnx.Param(query_init(rngs.params(), (self.num_frames, width)))
     self.decoder = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg["decoder_depth"])])
     self.decoder_norm = layer_norm(width, cfg, rngs)
     self.box_hidden = nnx.Linear(width, width, rngs=rngs)
@@ -136,6 +160,11 @@ class STAR(nnx.Module):
       x, block_aux = block(constrain(x, "tokens"), mask, segment_ids > 0)
       aux_loss = aux_loss + block_aux
     return self.norm(x), aux_loss
+
+  def classify_clips(self, patches, patch_yx, patch_t, segment_ids, head: str):
+    """-> (logits [B, M, C] of clip head `head` per video slot, the MoE layers' load-balancing loss)."""
+    tokens, aux_loss = self.encode(patches, patch_yx, patch_t, segment_ids)
+    return self.clip_heads[head](tokens, segment_ids, self.max_videos), aux_loss
 
   def __call__(self, patches, patch_yx, patch_t, segment_ids):
     """-> {"boxes": [B, M, Q, F, 4] corners, "logits": [B, M, Q, F, C + 1], "slots": [B, M] (slot holds a clip),

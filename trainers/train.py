@@ -103,9 +103,11 @@ def train(data_dir: str | None, workdir: str, config: dict, log=print) -> dict:
   records = {d.name: PackedRecords(d.shards, "train", d.info) for d in datasets}
   val_data = {d.name: load_split(d.shards, "val", d.info, d.task.fields) for d in datasets if "val" in d.info["splits"]}
   model = task.build_model(config["model"], datasets, config["seed"])
+  manager = checkpointing.checkpoint_manager(workdir, tc["keep_checkpoints"])
+  if tc.get("init_from") and manager.latest_step() is None:  # a resumed run restores its own checkpoint instead
+    init_from(model, tc["init_from"], log)
   optimizer, schedule = make_optimizer(model, tc)
   sharding.shard_nodes(mesh, model, optimizer)
-  manager = checkpointing.checkpoint_manager(workdir, tc["keep_checkpoints"])
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   num_sequences = {name: len(r) for name, r in records.items()}
   start = checkpointing.restore_latest(
@@ -205,6 +207,37 @@ def load_trained_model(workdir: str):
     raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
   model.eval()
   return model, saved
+
+
+def init_from(model, source_workdir: str, log=print) -> dict:
+  """Sets every parameter of `model` whose path and shape match one of the run in `source_workdir` (its newest
+  checkpoint) to that run's value, and leaves the others as initialised: `train.init_from`, pretrain then
+  finetune (the encoder transfers; a new head, or one with another number of classes, starts fresh).
+  -> {"loaded", "left", "skipped"}: the parameter paths of each kind, logged with their counts."""
+  if not os.path.isfile(os.path.join(source_workdir, "config.json")):
+    raise ContractError(f"train.init_from: {source_workdir!r} holds no training run (no config.json)")
+  try:
+    source, _ = load_trained_model(source_workdir)
+  except FileNotFoundError as e:
+    raise ContractError(f"train.init_from: {e}") from None
+  source_params = dict(nnx.to_flat_state(nnx.state(source, nnx.Param)))
+  found = {"loaded": [], "left": [], "skipped": []}
+  matched, values = [], 0
+  for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, other = "/".join(map(str, path)), source_params.get(path)
+    if other is None:
+      found["left"].append(name)
+    elif (other.shape, other.dtype) != (param.shape, param.dtype):
+      found["skipped"].append(f"{name} {tuple(other.shape)} -> {tuple(param.shape)}")
+    else:
+      found["loaded"].append(name)
+      matched.append((path, other))
+      values += int(np.prod(param.shape))
+  nnx.update(model, nnx.from_flat_state(matched))
+  log(f"train: init_from {source_workdir}: loaded {len(found['loaded'])} parameters ({values} values); "
+      f"left as initialised {len(found['left'])}: {', '.join(found['left']) or '-'}; "
+      f"skipped {len(found['skipped'])} (shape differs): {', '.join(found['skipped']) or '-'}")
+  return found
 
 
 def main(argv=None) -> int:

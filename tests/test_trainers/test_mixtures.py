@@ -107,7 +107,7 @@ BAD = [
     ({"data": {"a": float("nan")}}, r"^data\.a: weight must be a number > 0, got nan$"),
     ({"data": {"a": 1, "b": 1}}, r"^data\.b: no entry datasets\.b saying where its shards are$"),
     ({"datasets": {"a": {"shards": "x", "task": "detection"}}},
-     r"^datasets\.a\.task: unknown task 'detection' \(known: classification, tubelets\)$"),
+     r"^datasets\.a\.task: unknown task 'detection' \(known: classification, tubelets, video_classification\)$"),
     ({"datasets": {"a": {"shards": "x", "shard": "y"}}}, r"^datasets\.a\.shard: unknown key \(known: shards, task, head\)$"),
     ({"datasets": {"a": {"task": "classification"}}}, r"^datasets\.a\.shards: expected a non-empty string, got None$"),
     ({"datasets": {"a": {"shards": "x"}, "c": {"shards": "y"}}}, r"^datasets\.c: not in data; give it a weight there$"),

@@ -20,10 +20,12 @@ TINY = {"train.steps": 4, "train.checkpoint_every": 4, "train.log_every": 2, "tr
 
 def test_unknown_task_is_one_error_naming_the_known_ones(shard_dir, tmp_path):
   assert tasks.get_task("classification") is classification.TASK
-  with pytest.raises(ContractError, match=r"^task: unknown task 'nope' \(known: classification, tubelets\)$"):
+  with pytest.raises(ContractError,
+                     match=r"^task: unknown task 'nope' \(known: classification, tubelets, video_classification\)$"):
     tasks.get_task("nope")
   config = {**apply_overrides(load_config("smoke"), TINY), "task": "nope"}
-  with pytest.raises(ContractError, match=r"^task: unknown task 'nope' \(known: classification, tubelets\)$"):
+  with pytest.raises(ContractError,
+                     match=r"^task: unknown task 'nope' \(known: classification, tubelets, video_classification\)$"):
     train(str(shard_dir), str(tmp_path / "w"), config, log=lambda m: None)
 
 

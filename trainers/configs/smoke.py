@@ -16,6 +16,8 @@ def get_config() -> dict:
                 "moe": {"num_experts": 0, "k": 2, "router": "softmax_topk", "capacity_factor": 1.25,
                         "aux_weight": 0.01}},
       "train": {"steps": 120, "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 30,
-                "weight_decay": 1e-4, "checkpoint_every": 40, "log_every": 10, "keep_checkpoints": 2, "label_smoothing": 0.0, "peak_tflops": 0.0},
+                "weight_decay": 1e-4, "checkpoint_every": 40, "log_every": 10, "keep_checkpoints": 2, "label_smoothing": 0.0, "peak_tflops": 0.0,
+                # A finished run's workdir: parameters whose path and shape match start from its last checkpoint.
+                "init_from": ""},
       "mesh": {"data": 1, "model": 1},
   }

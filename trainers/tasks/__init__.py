@@ -2,9 +2,9 @@
 it (`datasets.NAME.task`); the train loop runs every task the same way."""
 
 from schemas.errors import ContractError
-from trainers.tasks import classification, tubelets
+from trainers.tasks import classification, tubelets, video_classification
 
-TASKS = {task.name: task for task in (classification.TASK, tubelets.TASK)}
+TASKS = {task.name: task for task in (classification.TASK, tubelets.TASK, video_classification.TASK)}
 
 
 def get_task(name: str, key: str = "task"):

@@ -75,17 +75,24 @@ def eval_step(model, batch, head):
   return slot_loss_and_accuracy(head_logits(forward(model, batch, False), head), batch["labels"])
 
 
-def evaluate(model, data: dict, head, batch_size: int) -> dict:
+def slot_means(eval_step, model, data: dict, head, batch_size: int, fields) -> tuple[float, float, int]:
+  """(mean loss, accuracy, filled slots) over a loaded split, batch by batch through eval_step(model, batch, head)
+  -> (loss, accuracy) over the batch's filled slots."""
   model.eval()
   total_loss = total_correct = total = 0.0
   for start in range(0, len(data["labels"]), batch_size):
-    batch = {k: data[k][start:start + batch_size] for k in FIELDS}
+    batch = {k: data[k][start:start + batch_size] for k in fields}
     n = float((batch["labels"] >= 0).sum())
     loss, accuracy = eval_step(model, batch, head)
     total_loss += float(loss) * n
     total_correct += float(accuracy) * n
     total += n
-  return {"loss": total_loss / max(total, 1), "accuracy": total_correct / max(total, 1), "images": int(total)}
+  return total_loss / max(total, 1), total_correct / max(total, 1), int(total)
+
+
+def evaluate(model, data: dict, head, batch_size: int) -> dict:
+  loss, accuracy, images = slot_means(eval_step, model, data, head, batch_size, FIELDS)
+  return {"loss": loss, "accuracy": accuracy, "images": images}
 
 
 TASK = Task(name="classification", fields=FIELDS, build_model=build_model, loss_options=loss_options, loss=loss,

@@ -13,7 +13,7 @@ from typing import Callable
 class Head:
   """One output of the model, read by every dataset whose labels it predicts (one label space).
 
-  The heads of one task sit side by side in the model's output in name order: this head's classes are the
+  The heads of one model family sit side by side in the model's output in name order: this head's classes are the
   outputs [offset, offset + num_classes). A model with one head has offset 0 and all of its outputs.
   """
   name: str
@@ -33,7 +33,8 @@ class Task:
   fields: the batch fields it reads, at train and eval time; `labels` among them (it marks the filled image
     slots, which the loop counts).
   build_model(model_config, datasets, seed) -> nnx.Module: one model for all these datasets, one head per
-    distinct `dataset.head`; every shape from `dataset.info` (dataset_info.json).
+    distinct `dataset.head`, of the kind each head's task reads; every shape from `dataset.info`
+    (dataset_info.json). It is the builder of the task's model family: every task of a family names the same one.
   loss_options(config) -> dict: the loss settings it reads from the config (hashable values; static in jit).
   loss(model, batch, head, **options) -> (scalar loss, {name: scalar metric}): jitted with the step, under
     `nnx.value_and_grad`. Host work inside it goes through `jax.pure_callback` on stop-gradient inputs
@@ -45,6 +46,8 @@ class Task:
     the arrays the loss reads, and add fields for the loss.
   info_keys: the dataset_info keys its model is built from beyond every task's (trainers.mixture.SAVED_INFO_KEYS),
     which config.json keeps so that a trained model can be rebuilt without the shards.
+  family: its model family ("navit": NaViT, trainers/model.py; "star": STAR's encoder, trainers/star.py). The
+    datasets of one run may name different tasks of one family: they share one model, each through its head.
   """
   name: str
   fields: tuple[str, ...]
@@ -54,3 +57,4 @@ class Task:
   evaluate: Callable
   prepare: Callable = _unchanged
   info_keys: tuple[str, ...] = ()
+  family: str = "navit"

@@ -9,38 +9,20 @@ many true actors the matched query labels right (`actor_accuracy`) and how well 
 mean IoU over the actors' present frames), which say more of progress than the loss alone.
 """
 
-import functools
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from schemas.errors import ContractError
 from schemas.shards import tubelet_arrays
 from trainers import star
 from trainers.ops.boxes import iou
+from trainers.tasks import star_family
 from trainers.tasks.task import Task
 
 MODEL_FIELDS = ("patches", "patch_yx", "patch_t", "segment_ids")
 FIELDS = (*MODEL_FIELDS, "labels", "frame_t", "tube_labels", "tube_boxes", "tube_present")
 TARGETS = ("tube_labels", "tube_boxes", "tube_present")
-
-
-def build_model(model_config: dict, datasets, seed: int) -> star.STAR:
-  heads = {dataset.head for dataset in datasets}
-  if len(heads) > 1:
-    raise ContractError(f"datasets: the tubelets task trains one head, these datasets read {len(heads)} "
-                        f"({', '.join(sorted(h.name for h in heads))})")
-  first = datasets[0]
-  for dataset in datasets:
-    if not dataset.info.get("max_frames") or not dataset.info.get("video"):
-      raise ContractError(f"datasets.{dataset.name}: no video clips in {dataset.shards}; the tubelets task reads "
-                          f"shards built with --video")
-    for key in ("patch_size", "max_images", "max_frames", "max_actors"):
-      if dataset.info[key] != first.info[key]:
-        raise ContractError(f"datasets.{dataset.name}: {key} {dataset.info[key]} differs from "
-                            f"{first.name}'s {first.info[key]}; one model reads both")
-  return star.build_star(model_config, first.info, seed)
 
 
 def prepare(model, batch: dict, head) -> dict:
@@ -92,5 +74,7 @@ def evaluate(model, data: dict, head, batch_size: int) -> dict:
           "clips": int(sums[1]), "actors": int(sums[2])}
 
 
-TASK = Task(name="tubelets", fields=FIELDS, build_model=build_model, loss_options=loss_options, loss=loss,
-            evaluate=evaluate, prepare=prepare, info_keys=("video", "max_frames", "max_actors"))
+# The STAR family builds the model: a tubelets-only run gets exactly build_star's model.
+TASK = Task(name="tubelets", fields=FIELDS, build_model=star_family.build_model, loss_options=loss_options,
+            loss=loss, evaluate=evaluate, prepare=prepare, info_keys=("video", "max_frames", "max_actors"),
+            family=star_family.FAMILY)
