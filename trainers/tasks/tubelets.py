@@ -9,7 +9,6 @@ many true actors the matched query labels right (`actor_accuracy`) and how well 
 mean IoU over the actors' present frames), which say more of progress than the loss alone.
 """
 
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
