@@ -23,9 +23,9 @@ Heads, per query and frame:
   stays per frame: it is STAR's per-frame background, which says on which frames the tubelet's actor is absent.
   A tubelet's label is its argmax action; its frames are those where that label beats "no action".
 
-Matching (per slot, Hungarian, scipy's linear_sum_assignment on the host through jax.pure_callback, so the train
-step stays jitted; the cost matrices are small, [B, M, Q, A]): cost(q, a) = class + L1 + GIoU with DETR's
-weights 1, 5, 2.
+Matching (per slot, the Hungarian problem solved exactly in JAX by trying every assignment, which is cheap for the
+few actors of a clip: Q = 8 queries and A = 3 actors have 529 ways; no host callback in the jitted step, since
+one hung the CPU runtime's queue, jax-ml/jax#25861): cost(q, a) = class + L1 + GIoU with DETR's weights 1, 5, 2.
 - class: minus the probability that query q gives actor a's per-frame target, averaged over all F frames; the
   target is a's label where a is present and "no action" where absent, so this one term also charges for
   predicting an actor on frames where it is absent.
@@ -41,13 +41,16 @@ Loss = class + L1 + (1 - GIoU), with the same weights (LOSS_WEIGHTS: DETR's 1, 5
   of such (actor, frame) boxes in the batch.
 """
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from scipy.optimize import linear_sum_assignment
 
+from schemas.errors import ContractError
 from trainers.model import DTYPES, Block, dense, layer_norm
 from trainers.ops.attention import attention, segment_mask
 from trainers.ops.boxes import center_to_corners, generalized_iou
@@ -217,27 +220,55 @@ def match_cost(outputs, batch, weights=LOSS_WEIGHTS):
   return weights["class"] * class_cost + weights["l1"] * l1_cost + weights["giou"] * giou_cost
 
 
-def _assign_on_host(cost, matchable):
-  """cost [B, M, Q, A], matchable [B, M, A] -> [B, M, A] int32: the query given to each actor, -1 for none."""
-  # A diverged model's NaN cost would make scipy raise inside the callback; the loss stays NaN all the same,
-  # which the train loop reports with its step.
-  cost = np.nan_to_num(np.asarray(cost, np.float64), nan=0.0, posinf=1e9, neginf=-1e9)
-  assigned = np.full(matchable.shape, -1, np.int32)
-  for b, m in np.ndindex(matchable.shape[:2]):
-    actors = np.flatnonzero(matchable[b, m])
-    if actors.size:
-      queries, columns = linear_sum_assignment(cost[b, m][:, actors])
-      assigned[b, m, actors[columns]] = queries
-  return assigned
+# The most assignments `match` tries per slot: ~30 MB of gathered costs for a batch of 16 x 4 slots x 3 actors.
+MAX_ASSIGNMENTS = 40_000
+
+
+@functools.cache
+def assignments(num_queries: int, num_actors: int) -> np.ndarray:
+  """Every way to give each of A actors its own query or none: int32 [K, A], -1 for none."""
+  count = sum(math.comb(num_actors, k) * math.perm(num_queries, num_actors - k)
+              for k in range(max(0, num_actors - num_queries), num_actors + 1))
+  if count > MAX_ASSIGNMENTS:
+    raise ContractError(f"matching: {num_queries} queries and {num_actors} actors a clip have {count} assignments, "
+                        f"more than the {MAX_ASSIGNMENTS} that exact matching tries; use fewer")
+
+  def extend(prefix):
+    if len(prefix) == num_actors:
+      yield prefix
+      return
+    for q in range(-1, num_queries):
+      if q < 0 or q not in prefix:
+        yield from extend(prefix + (q,))
+
+  return np.array(list(extend(())), np.int32).reshape(-1, num_actors)
+
+
+def assign(cost, matchable):
+  """cost [B, M, Q, A], matchable [B, M, A] -> [B, M, A] int32: the query given to each actor, -1 for none. As
+  scipy's linear_sum_assignment on each slot's matchable columns: as many of them as there are queries get one,
+  at the least total cost (the tie first in `assignments` order wins)."""
+  # A diverged model's NaN cost must not make every assignment NaN; the loss stays NaN all the same, which the
+  # train loop reports with its step.
+  cost = jnp.nan_to_num(cost, nan=0.0, posinf=1e9, neginf=-1e9)
+  num_actors = matchable.shape[-1]
+  table = assignments(cost.shape[2], num_actors)  # [K, A]
+  none = jnp.asarray(table < 0)
+  chosen = cost[:, :, np.maximum(table, 0), np.arange(num_actors)]  # [B, M, K, A]: cost of actor a's query
+  matchable = matchable[:, :, None, :]
+  total = jnp.where(matchable & ~none, chosen, 0.0).sum(-1)
+  # Feasible: padding actors get no query. Among those, the fewest matchable actors left without one first.
+  feasible = ~(~matchable & ~none).any(-1)
+  missed = jnp.where(feasible, (matchable & none).sum(-1), num_actors + 1)
+  total = jnp.where(missed == missed.min(-1, keepdims=True), total, jnp.inf)
+  return jnp.asarray(table)[jnp.argmin(total, axis=-1)]
 
 
 def match(outputs, batch, weights=LOSS_WEIGHTS):
   """Hungarian matching per slot -> [B, M, A] int32, the query matched to each actor (-1: padding actor, empty
-  slot, or more actors than queries). Jittable: the assignment runs on the host; no gradient flows through it."""
+  slot, or more actors than queries). No gradient flows through it."""
   cost = jax.lax.stop_gradient(match_cost(outputs, batch, weights))
-  matchable = (batch["tube_labels"] >= 0) & outputs["slots"][..., None]
-  return jax.pure_callback(_assign_on_host, jax.ShapeDtypeStruct(matchable.shape, jnp.int32), cost, matchable,
-                           vmap_method="sequential")
+  return assign(cost, (batch["tube_labels"] >= 0) & outputs["slots"][..., None])
 
 
 def star_loss(outputs, batch, weights=LOSS_WEIGHTS):

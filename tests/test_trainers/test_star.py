@@ -4,12 +4,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from scipy.optimize import linear_sum_assignment
 
 from beam_jobs.image_ops import patchify
 from beam_jobs.synthetic_actions import actor_boxes, plan_action_clips, render_frames
 from trainers.configs import load_config
 from trainers.ops.boxes import center_to_corners, generalized_iou, iou
-from trainers.star import STAR, match, predict_tubelets, star_loss
+from trainers.star import STAR, assign, match, predict_tubelets, star_loss
 
 # Tested jitted, as a train step runs them (and one compiled program beats many eager ops on CPU).
 iou, generalized_iou, match, star_loss = (jax.jit(f) for f in (iou, generalized_iou, match, star_loss))
@@ -83,6 +84,22 @@ def test_matching_finds_the_obvious_assignment_and_never_a_padding_actor():
   # An empty slot matches nothing.
   empty = {**outputs, "slots": jnp.zeros((1, 1), bool)}
   np.testing.assert_array_equal(match(empty, batch), [[[-1, -1, -1]]])
+
+
+@pytest.mark.parametrize("num_queries, num_actors", [(5, 3), (2, 3), (8, 1)])
+def test_assign_finds_the_least_cost_matching_as_scipy_does(num_queries, num_actors):
+  rng = np.random.default_rng(0)
+  cost = rng.normal(size=(6, 4, num_queries, num_actors)).astype(np.float32)
+  matchable = rng.random((6, 4, num_actors)) < 0.7
+  assigned = np.asarray(jax.jit(assign)(cost, matchable))
+  for b, m in np.ndindex(matchable.shape[:2]):
+    actors = np.flatnonzero(matchable[b, m])
+    np.testing.assert_array_equal(assigned[b, m, ~matchable[b, m]], -1)
+    queries = assigned[b, m, actors]
+    rows, columns = linear_sum_assignment(cost[b, m][:, actors])
+    assert (queries >= 0).sum() == len(rows) and len(set(queries[queries >= 0])) == len(rows)
+    got = sum(cost[b, m, q, a] for q, a in zip(queries, actors) if q >= 0)
+    np.testing.assert_allclose(got, cost[b, m][:, actors][rows, columns].sum(), rtol=1e-5)
 
 
 def test_loss_is_minimal_for_a_perfect_prediction_and_grows_when_it_is_off():
@@ -226,3 +243,4 @@ def test_two_clips_overfit_and_their_actions_are_recovered(clips):
   for slot in range(2):
     true_labels = sorted(int(label) for label in clips["tube_labels"][0, slot] if label >= 0)
     assert sorted(d["label"] for d in detections[slot]) == true_labels, (slot, detections[slot])
+

@@ -37,8 +37,8 @@ class Task:
     (dataset_info.json). It is the builder of the task's model family: every task of a family names the same one.
   loss_options(config) -> dict: the loss settings it reads from the config (hashable values; static in jit).
   loss(model, batch, head, **options) -> (scalar loss, {name: scalar metric}): jitted with the step, under
-    `nnx.value_and_grad`. Host work inside it goes through `jax.pure_callback` on stop-gradient inputs
-    (e.g. Hungarian matching with scipy).
+    `nnx.value_and_grad`. Host work inside it goes through `jax.pure_callback` on stop-gradient inputs; on
+    CPU such a callback in the step can hang XLA's queue (jax-ml/jax#25861), so tubelets matches in JAX.
   evaluate(model, data, head, batch_size) -> {name: number}: the eval outputs on a loaded split (numpy arrays
     of `fields`), written to final.json.
   prepare(model, batch, head) -> batch: a host step before each train step, outside jit, on the batch's

@@ -3,7 +3,7 @@
 The shards carry each slot's tubes as bytes (`frame_t`, `tube_labels`, `tube_boxes`, `tube_present`); the
 host step `prepare` turns them into the padded arrays the loss reads (schemas.shards.tubelet_arrays, padded to
 the model's F frames and A actors, so every batch has one shape and the step compiles once). The loss is
-STAR's: Hungarian matching on the host inside the jitted step, then class + L1 + GIoU with the config's
+STAR's: Hungarian matching (exact, in JAX) inside the jitted step, then class + L1 + GIoU with the config's
 `loss` weights. On an evaluation split: the loss at DETR's weights (trainers.star.LOSS_WEIGHTS), and how
 many true actors the matched query labels right (`actor_accuracy`) and how well it boxes them (`box_iou`, the
 mean IoU over the actors' present frames), which say more of progress than the loss alone.
