@@ -14,7 +14,7 @@ in 2 min 54 s (600 steps of 16 sequences = 32 clips); train loss 5.3 -> 1.9, but
 400 clips), val actor accuracy 0.43, box IoU 0.37; test frame-mAP@0.5 0.002, video-mAP@0.2 0.015,
 video-mAP@0.5 0.000. Far from the target (frame-mAP@0.5 >= 0.5, video-mAP@0.5 >= 0.4 in a 10-minute
 pipeline): with 3000 train clips and width 128 the train loss stalls near 3.8 and the test maps stay ~0.
-2026-12-05 (same RESULTS section): the box path is right (8 clips overfit through the real commands: train
+2026-12-04 (same RESULTS section): the box path is right (8 clips overfit through the real commands: train
 frame-mAP@0.5 0.95); `patchflow run action_localisation` at its defaults (this config's 120 steps) takes 2 min 13 s
 with test frame-mAP@0.5 0.000, video-mAP@0.2 0.001, video-mAP@0.5 0.000; with 2000 train clips the loss stays
 on the mean-box plateau (~3.9), and predict_tubelets' "label beats no action" rule leaves ~7 detections for 200
