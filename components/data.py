@@ -39,20 +39,6 @@ def make_action_clips(seed: int, num_train: int, num_val: int, num_test: int, fr
 
 
 @component
-def make_action_classes(seed: int, num_train: int, num_val: int, num_test: int, frames: int, size: int,
-                        data: Output[Dataset]):
-  from components.step_cache import run_cached
-  params = {"seed": seed, "splits": {"train": num_train, "val": num_val, "test": num_test}, "frames": frames,
-            "size": size}
-
-  def work():
-    from beam_jobs.synthetic_actions import generate_action_classes
-    return generate_action_classes(data.path, **params, log=print)
-  summary = run_cached("make_action_classes", ("beam_jobs", "schemas"), params, {}, {"data": data.path}, work)
-  data.metadata.update({"clips": summary["clips"]})
-
-
-@component
 def build_shards(data: Input[Dataset], seq_len: int, patch_size: int, max_images: int,
                  max_patches_per_image: int, num_shards: int, shards: Output[Dataset], beam_args: str = "[]",
                  fixed_options: str = "{}"):

@@ -82,16 +82,25 @@ def render_report(shard_dir: str, train_workdir: str, eval_dir: str, output_path
     with open(os.path.join(calibration_dir, "calibration.html"), encoding="utf-8") as f:
       parts.append("<h2>Calibration</h2>" + f.read())
 
-  parts.append("<h2>Lineage</h2>")
   sources = [("shards", shard_dir), ("checkpoint", train_workdir), ("evaluation", eval_dir)]
-  for name, directory in sources + ([("calibration", calibration_dir)] if calibration_dir else []):
+  parts += lineage_parts(sources + ([("calibration", calibration_dir)] if calibration_dir else []))
+  write_page(parts, output_path)
+  return summary
+
+
+def lineage_parts(sources: list[tuple[str, str]]) -> list[str]:
+  """A report's lineage section: the lineage.json of each (name, artifact directory) that has one."""
+  parts = ["<h2>Lineage</h2>"]
+  for name, directory in sources:
     path = os.path.join(directory, LINEAGE_FILENAME)
     if os.path.exists(path):
       parts.append(f"<h3>{name}</h3><pre>{html.escape(json.dumps(_read_json(path), indent=1, sort_keys=True))}</pre>")
-  parts.append("</body></html>")
+  return parts
 
+
+def write_page(parts: list[str], output_path: str) -> None:
+  """The page's parts, closed and joined, written to a temporary name and renamed to output_path."""
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   with open(output_path + ".tmp", "w", encoding="utf-8") as f:
-    f.write("\n".join(parts))
+    f.write("\n".join(parts + ["</body></html>"]))
   os.replace(output_path + ".tmp", output_path)
-  return summary

@@ -7,7 +7,6 @@ localisation-metrics` expects; the video of a tube is its slot's example id. A c
 were not sampled are not scored, since the model never saw those frames.
 """
 
-import html
 import json
 import os
 
@@ -16,9 +15,9 @@ from flax import nnx
 
 from evaluators import plots
 from evaluators.localisation import localisation_metrics
-from evaluators.report import _STYLE, _img, _read_json, _table
+from evaluators.report import _STYLE, _img, _read_json, _table, lineage_parts, write_page
 from schemas import dataset_info as info_lib
-from schemas.lineage import LINEAGE_FILENAME, write_lineage
+from schemas.lineage import write_lineage
 from schemas.shards import load_split, tubelet_arrays
 
 DETECTIONS_FILENAME, GROUND_TRUTH_FILENAME = "detections.jsonl", "ground_truth.jsonl"
@@ -197,16 +196,6 @@ def render_localisation_report(shard_dir: str, evaluation_dir: str, output_path:
   if clips:
     parts.append(_img(plots.tubelet_frames(clips), "frames with true and detected tubes"))
 
-  parts.append("<h2>Lineage</h2>")
   sources = [("shards", shard_dir), ("evaluation", evaluation_dir)] + ([("checkpoint", train_dir)] if train_dir else [])
-  for name, directory in sources:
-    path = os.path.join(directory, LINEAGE_FILENAME)
-    if os.path.exists(path):
-      parts.append(f"<h3>{name}</h3><pre>{html.escape(json.dumps(_read_json(path), indent=1, sort_keys=True))}</pre>")
-  parts.append("</body></html>")
-
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  with open(output_path + ".tmp", "w", encoding="utf-8") as f:
-    f.write("\n".join(parts))
-  os.replace(output_path + ".tmp", output_path)
+  write_page(parts + lineage_parts(sources), output_path)
   return summary
