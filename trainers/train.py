@@ -93,8 +93,6 @@ def train(data_dir: str | None, workdir: str, config: dict, log=print) -> dict:
   task = mixture.model_task(datasets)
   tc = config["train"]
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump({"config": config, **mixture.saved_record(datasets)}, f, indent=1, sort_keys=True)
   mesh = sharding.make_mesh(config["mesh"]["data"], config["mesh"]["model"])
   if tc["batch_size"] % config["mesh"]["data"]:
     raise ContractError(f"train.batch_size ({tc['batch_size']}) must be divisible by mesh.data "
@@ -112,6 +110,10 @@ def train(data_dir: str | None, workdir: str, config: dict, log=print) -> dict:
   num_sequences = {name: len(r) for name, r in records.items()}
   start = checkpointing.restore_latest(
       manager, model, optimizer, expect_position=mixture.data_position(0, config, datasets, num_sequences)) or 0
+  # Only now that a resume is accepted: a refused one leaves the earlier run's config.json as it was.
+  with open(os.path.join(workdir, "config.json.tmp"), "w", encoding="utf-8") as f:
+    json.dump({"config": config, **mixture.saved_record(datasets)}, f, indent=1, sort_keys=True)
+  os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
   _truncate_metrics(metrics_path, start)
   if start:
     log(f"train: resumed from checkpoint at step {start}")

@@ -202,3 +202,13 @@ def test_dropout_is_off_in_eval_mode_and_leaves_the_initial_parameters_alone(sha
   model, saved = load_trained_model(str(tmp_path / "w"))
   assert saved["config"]["model"]["dropout"] == 0.2
   np.testing.assert_array_equal(np.asarray(model(*batch)), np.asarray(model(*batch)))  # loaded in eval mode
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_earlier_runs_config_as_it_was(shard_dir, tmp_path):
+  workdir = tmp_path / "w"
+  train(str(shard_dir), str(workdir), _config(), log=lambda m: None)
+  before = (workdir / "config.json").read_bytes()
+  with pytest.raises(ContractError, match="batch_size"):
+    train(str(shard_dir), str(workdir), _config(**{"train.batch_size": 2, "train.steps": 9}), log=lambda m: None)
+  assert (workdir / "config.json").read_bytes() == before
