@@ -12,6 +12,7 @@ it, a manifest record points at files that the job reads through Beam's FileSyst
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import apache_beam as beam
@@ -21,7 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_jobs import synthetic
 from schemas import tfrecord
 from schemas.errors import ContractError
-from schemas.manifest import ManifestRecord, parse_manifest_line
+from schemas.manifest import ManifestRecord, load_json_line, parse_manifest_line, split_name_problem
 
 MANIFEST_CHUNK_BYTES = 4 << 20  # ~30,000 lines: the unit of parallelism of reading and planning
 
@@ -54,9 +55,9 @@ def parse_numbered_line(line: int, text: str, source: str, base_dir: str,
                         class_names: tuple[str, ...]) -> SourceExample | dict[str, Any]:
   """One manifest line -> SourceExample, or an error row: not_json, no_image or invalid_record."""
   try:
-    obj = json.loads(text)
-  except json.JSONDecodeError as e:
-    return error_row(line, None, "not_json", f"{source}:{line}: not valid JSON ({e.msg} at column {e.colno})")
+    obj = load_json_line(text, f"{source}:{line}")
+  except ContractError as e:
+    return error_row(line, None, "not_json", str(e))
   rid = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
   if isinstance(obj, dict) and obj.get("image") is None and obj.get("video") is None:
     return error_row(line, rid, "no_image", f"{source}:{line}: record has neither 'image' nor 'video'")
@@ -194,15 +195,15 @@ def parse_synthetic_spec(spec: str) -> dict[str, Any]:
   seed, splits, noise = 0, dict(synthetic.DEFAULT_SPLITS), synthetic.DEFAULT_NOISE_LEVELS
   for part in filter(None, rest.split(",")):
     key, _, value = part.partition("=")
+    if key not in ("seed", "noise") and split_name_problem(key):
+      raise ContractError(f"source {spec!r}: bad part {part!r}: a split name {split_name_problem(key)}")
     try:
       if key == "seed":
         seed = int(value)
       elif key == "noise":
         noise = tuple(int(v) for v in value.split("+") if v)
-      elif key and "/" not in key:
-        splits[key] = int(value)
       else:
-        raise ValueError
+        splits[key] = int(value)
     except ValueError:
       raise ContractError(f"source {spec!r}: bad part {part!r} (expected seed=S, SPLIT=N or noise=1+2)") from None
   return {"seed": seed, "splits": {k: v for k, v in splits.items() if v > 0}, "noise_levels": noise}
@@ -274,6 +275,8 @@ def plan_tfds(spec: str, data_dir: str | None) -> TfdsPlan:
   class_names = tuple(features[label_key].names) if label_key else ()
   files, line = [], 1
   for split in sorted(splits.keys()):
+    if split_name_problem(split.replace("/", "_")):
+      raise ContractError(f"source {spec!r}: split {split!r}: a split name {split_name_problem(split)}")
     info_split = splits[split]
     for path, length in zip(info_split.filepaths, info_split.shard_lengths):
       files.append((split, str(path), line))
@@ -345,5 +348,7 @@ def resolve_source(spec: str, tfds_data_dir: str | None = None,
     return ResolvedSource(spec, TfdsSource(plan), plan.class_names)
   if not FileSystems.exists(spec):
     raise ContractError(f"manifest {spec!r}: file not found")
+  if "://" not in spec and os.path.isdir(spec):
+    raise ContractError(f"manifest {spec!r}: a directory, not a JSONL file")
   class_names = read_class_names(spec)
   return ResolvedSource(spec, ManifestSource(spec, class_names, chunk_bytes), class_names, spec)

@@ -24,7 +24,8 @@ from beam_jobs.plan import ExampleError, Planned, decode_error, is_local, read_l
 from beam_jobs.runtime import NAMESPACE, Progress, from_blob
 from beam_jobs.sources import error_row
 from schemas import tfrecord
-from schemas.manifest import Tubelet
+from schemas.errors import ContractError
+from schemas.manifest import Tubelet, split_name_problem
 from schemas.packed import NO_CLIP_LABEL, TUBELET_FIELDS, PackedSpec
 
 REMOTE_READ_THREADS = 16
@@ -288,6 +289,10 @@ def token_buckets(seq_len: int) -> list[int]:
 
 
 def shard_path(output_dir: str, split: str, shard: int, num_shards: int) -> tuple[str, str]:
+  """(path relative to output_dir, full path) of a shard; a split that could name a path outside output_dir
+  (`..`, a separator) is refused here too, whatever source it came from."""
+  if split_name_problem(split):
+    raise ContractError(f"split {split!r}: a split name {split_name_problem(split)}")
   rel = f"{split}/shard-{shard:05d}-of-{num_shards:05d}.tfrecord"
   return rel, FileSystems.join(output_dir, split, f"shard-{shard:05d}-of-{num_shards:05d}.tfrecord")
 

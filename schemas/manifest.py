@@ -3,11 +3,17 @@
 import dataclasses
 import json
 import math
+import re
 from typing import Any, Iterator
 
 from schemas.errors import ContractError
 
 DEFAULT_SPLIT = "train"
+# A split names a folder of the shard directory: a safe charset, bounded, never '.' or '..' (no leading dot).
+MAX_SPLIT_CHARS = 64
+_SPLIT_NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,{MAX_SPLIT_CHARS - 1}}}")
+MAX_LABEL = 2 ** 31 - 1  # labels are int32 in the shards; -1 and -2 are reserved there
+FLOAT32_MAX = 3.4028234663852886e38
 _KNOWN_FIELDS = {"id", "image", "video", "text", "label", "boxes", "tubelets", "split"}
 _TUBELET_FIELDS = {"label", "boxes"}
 _NUMBER_TYPES = {int, float}  # exact types: a JSON true/false (bool) is not a number here
@@ -50,14 +56,49 @@ class ManifestRecord:
     return out
 
 
+def split_name_problem(split) -> str | None:
+  """Why `split` cannot name a split (a folder under the output directory), or None."""
+  if isinstance(split, str) and _SPLIT_NAME.fullmatch(split):
+    return None
+  return (f"must be 1 to {MAX_SPLIT_CHARS} of A-Z a-z 0-9 _ . - (not starting with '.'), "
+          f"got {_shown(split)}")
+
+
+def _shown(value, limit: int = 40) -> str:
+  """repr() of a value, cut to `limit` characters, so an error line stays one short line."""
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + f"... ({len(value) if isinstance(value, str) else '?'} chars)"
+
+
+def load_json_line(text: str, where: str):
+  """json.loads of one line; any failure (bad syntax, an int of more digits than Python converts, nesting
+  deeper than the recursion limit) is a ContractError naming `where`."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ContractError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+  except RecursionError:
+    raise ContractError(f"{where}: not valid JSON (nested too deeply)") from None
+  except ValueError as e:
+    raise ContractError(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
+
+
+def _check_string(value: str, field: str, where: str, path: bool = False) -> None:
+  """A string the shards or the file system will take: valid Unicode (JSON's \\ud800 escapes decode to lone
+  surrogates, which UTF-8 cannot encode) and, for a path, no NUL."""
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError:
+    raise ContractError(f"{where}: field {field!r} is not valid Unicode (a lone surrogate)") from None
+  if path and "\0" in value:
+    raise ContractError(f"{where}: field {field!r} holds a NUL character")
+
+
 def parse_manifest_line(text: str, line: int, source: str = "manifest",
                         class_names: tuple[str, ...] = ()) -> ManifestRecord:
   """Parses and validates one manifest line; raises ContractError naming `source:line` and the field."""
   where = f"{source}:{line}"
-  try:
-    obj = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ContractError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+  obj = load_json_line(text, where)
   if not isinstance(obj, dict):
     raise ContractError(f"{where}: expected a JSON object, got {type(obj).__name__}")
   unknown = sorted(set(obj) - _KNOWN_FIELDS)
@@ -66,12 +107,15 @@ def parse_manifest_line(text: str, line: int, source: str = "manifest",
   rid = obj.get("id")
   if not isinstance(rid, str) or not rid:
     raise ContractError(f"{where}: field 'id' must be a non-empty string")
-  where = f"{where} (id {rid!r})"
+  _check_string(rid, "id", where)
+  where = f"{where} (id {_shown(rid)})"
   image, video = obj.get("image"), obj.get("video")
   if (image is None) == (video is None):
     raise ContractError(f"{where}: exactly one of fields 'image' and 'video' is required")
   if image is not None and (not isinstance(image, str) or not image):
     raise ContractError(f"{where}: field 'image' must be a non-empty path string")
+  if image is not None:
+    _check_string(image, "image", where, path=True)
   if video is not None:
     if isinstance(video, list):
       if not video or not all(isinstance(f, str) and f for f in video):
@@ -79,6 +123,8 @@ def parse_manifest_line(text: str, line: int, source: str = "manifest",
       video = tuple(video)
     elif not isinstance(video, str) or not video:
       raise ContractError(f"{where}: field 'video' must be a path or a list of frame paths")
+    for frame in (video,) if isinstance(video, str) else video:
+      _check_string(frame, "video", where, path=True)
   tubelets = obj.get("tubelets")
   if tubelets is not None:
     if video is None:
@@ -92,17 +138,24 @@ def parse_manifest_line(text: str, line: int, source: str = "manifest",
   if label is not None or tubelets is None:
     label = _class_id(label, "field 'label'", where, class_names)
   text_field = obj.get("text")
-  if text_field is not None and not isinstance(text_field, str):
-    raise ContractError(f"{where}: field 'text' must be a string")
+  if text_field is not None:
+    if not isinstance(text_field, str):
+      raise ContractError(f"{where}: field 'text' must be a string")
+    _check_string(text_field, "text", where)
   boxes = obj.get("boxes")
   if boxes is not None:
     if not isinstance(boxes, list) or not all(
-        isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b) for b in boxes):
+        isinstance(b, list) and len(b) == 4 and all(type(v) in _NUMBER_TYPES for v in b) for b in boxes):
       raise ContractError(f"{where}: field 'boxes' must be a list of [ymin, xmin, ymax, xmax] lists")
+    for k, box in enumerate(boxes):
+      problem = _float32_problem(box)
+      if problem:
+        raise ContractError(f"{where}: field 'boxes': box {k} {problem}")
     boxes = tuple(tuple(float(v) for v in b) for b in boxes)
   split = obj.get("split", DEFAULT_SPLIT)
-  if not isinstance(split, str) or not split or "/" in split:
-    raise ContractError(f"{where}: field 'split' must be a non-empty string without '/'")
+  problem = split_name_problem(split)
+  if problem:
+    raise ContractError(f"{where}: field 'split' {problem}")
   return ManifestRecord(id=rid, label=label, image=image, video=video, text=text_field,
                         boxes=boxes, tubelets=tubelets, split=split, line=line)
 
@@ -115,7 +168,19 @@ def _class_id(value, field: str, where: str, class_names: tuple[str, ...]) -> in
     return class_names.index(value)
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
     raise ContractError(f"{where}: {field} must be a non-negative int or a class name")
+  if value > MAX_LABEL:
+    raise ContractError(f"{where}: {field} must be a non-negative int or a class name: {value} is beyond int32 "
+                        f"({MAX_LABEL})")
   return value
+
+
+def _float32_problem(numbers) -> str | None:
+  """Why numbers (ints and floats) cannot be stored as float32 values, or None."""
+  if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+    return "holds NaN or Infinity"
+  if any(abs(v) > FLOAT32_MAX for v in numbers):
+    return "holds a value beyond float32"
+  return None
 
 
 def _parse_tubelets(value, where: str, class_names: tuple[str, ...]) -> tuple[Tubelet, ...]:

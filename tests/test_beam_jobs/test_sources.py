@@ -41,6 +41,11 @@ def test_manifest_chunks_cover_the_file():
     ('{"image": "x.png", "label": 0}', "invalid_record", None),
     ('[1, 2]', "invalid_record", None),
     ('{"id": "a", "image": "x.png", "label": 0, "colour": 1}', "invalid_record", "a"),
+    ('{"id": "a", "image": "x.png", "label": 0, "split": ".."}', "invalid_record", "a"),
+    ('{"id": "a", "image": "x.png", "label": 2147483648}', "invalid_record", "a"),
+    ('{"id": "a", "image": "x.png", "label": 0, "text": "\\ud800"}', "invalid_record", "a"),
+    ("[" * 50000 + "]" * 50000, "not_json", None),
+    ('{"id": "a", "image": "x.png", "label": 1' + "0" * 5000 + "}", "not_json", None),
 ])
 def test_bad_lines_become_error_rows_with_line_id_and_reason(text, reason, rid):
   row = parse_numbered_line(7, text, "m.jsonl", "/data", ())
@@ -78,11 +83,18 @@ def test_synthetic_spec():
       "seed": 3, "splits": {"train": 10, "test": 150}, "noise_levels": (2,)}
   with pytest.raises(ContractError, match="bad part 'train=ten'"):
     parse_synthetic_spec("synthetic:train=ten")
+  with pytest.raises(ContractError, match=r"bad part '..=4': a split name must be 1 to 64 of"):
+    parse_synthetic_spec("synthetic:..=4")
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
   with pytest.raises(ContractError, match="file not found"):
     resolve_source(str(tmp_path / "nope.jsonl"))
+
+
+def test_a_manifest_that_is_a_directory_is_a_clear_error(tmp_path):
+  with pytest.raises(ContractError, match=r"^manifest '.*': a directory, not a JSONL file$"):
+    resolve_source(str(tmp_path))
 
 
 @pytest.fixture(scope="module")

@@ -91,3 +91,47 @@ def test_bad_tubelets_name_line_and_field(line, message):
     parse_manifest_line(line, 7, "m.jsonl", class_names=("red",))
   assert str(e.value).startswith("m.jsonl:7 (id ")
   assert "field 'tubelets'" in str(e.value) or "field 'label'" in str(e.value)
+
+
+def _record(**fields):
+  return json.dumps({"id": "a", "image": "x.png", "label": 1, **fields})
+
+
+@pytest.mark.parametrize("line, message", [
+    (_record(split=".."), "field 'split' must be 1 to 64 of A-Z a-z 0-9 _ . - (not starting with '.'), got '..'"),
+    (_record(split="."), "field 'split' must be"),
+    (_record(split=".hidden"), "field 'split' must be"),
+    (_record(split="a/b"), "field 'split' must be"),
+    (_record(split="..\\x"), "field 'split' must be"),
+    (_record(split="tr\x00ain"), "got 'tr\\x00ain'"),
+    (_record(split="s" * 300), "field 'split' must be 1 to 64"),
+    (_record(split=""), "field 'split' must be"),
+    (_record(split=3), "field 'split' must be"),
+    (_record(label=2 ** 31), "field 'label' must be a non-negative int or a class name: 2147483648 is beyond int32"),
+    (_record(label=10 ** 30), "field 'label' must be a non-negative int or a class name: 1000000000000000000000000000000 is beyond int32"),
+    (_record(text="\ud800"), "field 'text' is not valid Unicode (a lone surrogate)"),
+    (json.dumps({"id": "\udfff", "image": "x.png", "label": 0}), "field 'id' is not valid Unicode"),
+    (_record(image="x\x00.png"), "field 'image' holds a NUL character"),
+    (_record(image="\ud800.png"), "field 'image' is not valid Unicode"),
+    (json.dumps({"id": "a", "video": ["f.png", "g\x00.png"], "label": 0}), "field 'video' holds a NUL character"),
+    (_record(boxes=[[0, 0, float("nan"), 1]]), "field 'boxes': box 0 holds NaN or Infinity"),
+    (_record(boxes=[[0, 0, 1, 1], [float("-inf"), 0, 1, 1]]), "field 'boxes': box 1 holds NaN or Infinity"),
+    ('{"id": "a", "image": "x.png", "label": 1, "boxes": [[0, 0, 1, 1e400]]}', "box 0 holds NaN or Infinity"),
+    (_record(boxes=[[0, 0, 1, 1e39]]), "box 0 holds a value beyond float32"),
+    (_record(boxes=[[0, 0, 1, 10 ** 400]]), "box 0 holds a value beyond float32"),
+    (_record(boxes=[[0, 0, True, 1]]), "field 'boxes' must be a list of [ymin, xmin, ymax, xmax] lists"),
+    (_clip([{"label": 2 ** 31, "boxes": [[0, 0, 0, 1, 1]]}]), "tubelet 0: 'label' must be a non-negative int or a class name: 2147483648 is beyond int32"),
+    (_clip([{"label": 0, "boxes": [[0, 0, 0, 1, float("nan")]]}]), "tubelet 0: box 0: holds NaN or Infinity"),
+    ('{"id": "a", "image": "x.png", "label": 1' + "0" * 5000 + "}", "not valid JSON"),
+    ("[" * 100000 + "]" * 100000, "not valid JSON (nested too deeply)"),
+])
+def test_fields_are_checked_where_they_are_parsed(line, message):
+  with pytest.raises(ContractError, match=re.escape(message)) as e:
+    parse_manifest_line(line, 7, "m.jsonl")
+  assert str(e.value).startswith("m.jsonl:7") and "\n" not in str(e.value)
+
+
+def test_the_largest_int32_label_and_safe_split_names_are_accepted():
+  r = parse_manifest_line(_record(label=2 ** 31 - 1, split="test-noise1.v2_x"), 1)
+  assert (r.label, r.split) == (2 ** 31 - 1, "test-noise1.v2_x")
+  assert parse_manifest_line(_record(split="s" * 64), 1).split == "s" * 64
