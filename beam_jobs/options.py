@@ -43,13 +43,17 @@ class ShardOptions:
   video_frames: int = _option(8, "frames sampled from a video file, evenly by frame index (all when it has fewer)")
   window_size: int = _option(65536, "examples per packing window")
   tokenizer: str = _option("", "SentencePiece model file for text tokens (default: byte-level)", metavar="MODEL")
+  max_file_bytes: int = _option(256 << 20, "largest image or video file read, in bytes; a larger one, or anything "
+                                           "but a regular file, is an error row", metavar="BYTES")
+  max_record_bytes: int = _option(64 << 20, "byte budget of one packed sequence; options that plan larger ones "
+                                            "are refused before anything is written", metavar="BYTES")
 
   def __post_init__(self):
     from beam_jobs.navit import ResolutionSampling, TokenDrop
     if self.max_patches_per_image is None:
       object.__setattr__(self, "max_patches_per_image", self.seq_len)
     for name in ("seq_len", "patch_size", "max_images", "max_patches_per_image", "num_shards", "window_size",
-                 "video_frames"):
+                 "video_frames", "max_file_bytes", "max_record_bytes"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ContractError(f"shard options: {name!r} must be an int >= 1, got {getattr(self, name)!r}")
     if self.max_patches_per_image > self.seq_len:
@@ -64,7 +68,34 @@ class ShardOptions:
       raise ContractError(f"--resolution-sampling {self.resolution_sampling!r}: HI ({sampling.high}) must not "
                           f"exceed 'max_patches_per_image' ({self.max_patches_per_image})")
     TokenDrop.parse(self.token_drop)
+    self._check_record_budget()
 
+  def record_parts(self) -> dict[str, int]:
+    """Upper bounds of a packed sequence's bytes by what sizes them: per token the patch plus up to 32 bytes of
+    per-token fields, 20 per text token, 64 per image slot (per-slot fields; ids beyond that are not counted),
+    4 KiB of framing and field names."""
+    return {"tokens": self.seq_len * (self.patch_size * self.patch_size * 3 + 32), "text": self.text_len * 20,
+            "slots": self.max_images * 64, "framing": 4096}
+
+  def record_bytes_bound(self) -> int:
+    """About the most bytes one framed packed example takes; it sizes the disk reserved for a shard and is
+    checked against `max_record_bytes`."""
+    return sum(self.record_parts().values())
+
+  def _check_record_budget(self) -> None:
+    """Refuses options whose sequences would not fit `max_record_bytes`, before any file is read or written,
+    naming the options behind the largest part (4096-pixel patches make every token 50 MB)."""
+    parts, total = self.record_parts(), self.record_bytes_bound()
+    if total <= self.max_record_bytes:
+      return
+    largest = max(("tokens", "text", "slots"), key=parts.get)
+    why = {"tokens": f"--seq-len {self.seq_len} tokens x {parts['tokens'] // self.seq_len} bytes a token "
+                     f"(--patch-size {self.patch_size}: {self.patch_size}x{self.patch_size}x3 bytes a patch); "
+                     f"lower --patch-size or --seq-len",
+           "text": f"--text-len {self.text_len} text tokens x 20 bytes; lower --text-len",
+           "slots": f"--max-images {self.max_images} slots x 64 bytes; lower --max-images"}[largest]
+    raise ContractError(f"shard options: a packed sequence would take up to {total} bytes, over "
+                        f"--max-record-bytes {self.max_record_bytes}: {why}")
   @functools.cached_property
   def sampling(self) -> "ResolutionSampling":
     from beam_jobs.navit import ResolutionSampling

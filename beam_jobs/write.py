@@ -62,7 +62,7 @@ class WriteShard(beam.DoFn):
              "images_per_sequence": [0] * (opts.max_images + 1), "max_frames": 0, "max_actors": 0}
     digest = hashlib.sha256()
     ordered = [(h, [planned for _, planned in sorted(bins[h], key=lambda sp: sp[0])]) for h in sorted(bins)]
-    with shard_file.create(tmp, is_local(tmp), len(ordered) * record_bytes_bound(spec)) as f:
+    with shard_file.create(tmp, is_local(tmp), len(ordered) * opts.record_bytes_bound()) as f:
       reads = read_ahead([planned for _, members in ordered for planned in members])
       buffer = np.empty((spec.seq_len, spec.patch_dim), np.uint8)  # each record's patches, rendered in place
       for h, members in ordered:
@@ -295,10 +295,3 @@ def shard_path(output_dir: str, split: str, shard: int, num_shards: int) -> tupl
     raise ContractError(f"split {split!r}: a split name {split_name_problem(split)}")
   rel = f"{split}/shard-{shard:05d}-of-{num_shards:05d}.tfrecord"
   return rel, FileSystems.join(output_dir, split, f"shard-{shard:05d}-of-{num_shards:05d}.tfrecord")
-
-
-def record_bytes_bound(spec: PackedSpec) -> int:
-  """About the most bytes one framed packed example takes: the patches plus up to 32 bytes per token for the
-  per-token fields, 20 per text token, 4 KiB for the per-slot ones. Only sizes a reservation, so a record
-  with unusually long ids may exceed it."""
-  return spec.seq_len * (spec.patch_dim + 32) + spec.text_len * 20 + 4096

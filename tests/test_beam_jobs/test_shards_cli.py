@@ -13,14 +13,16 @@ def test_every_flag_reaches_the_job(synthetic_dir, tmp_path, capsys):
           "--seq-len", "128", "--patch-size", "8", "--max-images", "6", "--max-patches-per-image", "64",
           "--num-shards", "3", "--workers", "1", "--seed", "5", "--resolution-sampling", "loguniform:4:64",
           "--token-drop", "beta:2:5", "--text-len", "32", "--window-size", "40", "--max-error-fraction", "0.2",
-          "--video-frames", "5", "--", "--direct_running_mode=in_memory"]
+          "--video-frames", "5", "--max-file-bytes", "1000000", "--max-record-bytes", "300000",
+          "--", "--direct_running_mode=in_memory"]
   assert main(argv) == 0
   assert capsys.readouterr().out.startswith("wrote ")
   info = json.loads((out / "dataset_info.json").read_text())
   assert info["options"] == {
       "seq_len": 128, "patch_size": 8, "max_images": 6, "max_patches_per_image": 64, "num_shards": 3, "seed": 5,
       "resolution_sampling": "loguniform:4:64", "token_drop": "beta:2:5", "text_len": 32, "window_size": 40,
-      "max_error_fraction": 0.2, "video": False, "video_frames": 5, "tokenizer": ""}
+      "max_error_fraction": 0.2, "video": False, "video_frames": 5, "tokenizer": "",
+      "max_file_bytes": 1000000, "max_record_bytes": 300000}
   assert info["tokenizer"] == {"kind": "bytes", "vocab_size": 257, "id_offset": 1}
   assert info["tokens_dropped"] > 0 and info["splits"]["train"]["num_shards"] == 3
   lineage = json.loads((out / "lineage.json").read_text())
@@ -41,6 +43,9 @@ def test_the_synthetic_source_by_name(tmp_path, capsys):
     (["--resolution-sampling", "uniform:9"], "--resolution-sampling 'uniform:9': expected 2 number(s)"),
     (["--workers", "0"], "--workers must be >= 1, got 0"),
     (["--num-shards", "0"], "'num_shards' must be an int >= 1, got 0"),
+    (["--patch-size", "4096"], "a packed sequence would take up to 12884915200 bytes, over --max-record-bytes "
+                               "67108864: --seq-len 256 tokens x 50331680 bytes a token (--patch-size 4096"),
+    (["--max-file-bytes", "0"], "'max_file_bytes' must be an int >= 1, got 0"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
   manifest = tmp_path / "m.jsonl"
@@ -48,6 +53,7 @@ def test_bad_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
   assert main(["shards", "build", "--manifest", str(manifest), "--output", str(tmp_path / "o")] + flags) == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.startswith("patchflow: error: ") and message in err
+  assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_a_missing_manifest_is_one_line(tmp_path, capsys):

@@ -46,7 +46,7 @@ def test_a_worker_out_of_memory_fails_the_bundle_instead_of_quarantining_the_ima
 
 
 def test_the_disk_reserved_for_a_shard_covers_a_full_record():
-  assert write.record_bytes_bound(OPTIONS.spec) >= OPTIONS.seq_len * OPTIONS.spec.patch_dim
+  assert OPTIONS.record_bytes_bound() >= OPTIONS.seq_len * OPTIONS.spec.patch_dim
 
 
 def test_patches_as_chunks_encode_like_one_array():
