@@ -5,7 +5,9 @@ packing window has resolved duplicate ids.
 """
 
 import dataclasses
+import os
 import re
+import stat
 from typing import Any
 
 import apache_beam as beam
@@ -124,7 +126,7 @@ def plan_example(example: SourceExample, options: ShardOptions) -> Planned:
   # Every frame is read and checked whole here, so that packing only places images the writer can decode;
   # the grid comes from the first frame.
   for frame in range(frames):
-    data = read_location(example, frame)
+    data = read_location(example, frame, options.max_file_bytes)
     try:
       size = image_ops.whole_image_size(data)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
@@ -137,7 +139,7 @@ def plan_example(example: SourceExample, options: ShardOptions) -> Planned:
 def _plan_video_file(example: SourceExample, options: ShardOptions) -> Planned:
   """A video file: decoded once here to count its frames and catch a broken file; `video_frames` of them are
   sampled (`beam_jobs.video`)."""
-  data = read_location(example, 0)
+  data = read_location(example, 0, options.max_file_bytes)
   try:
     total, height, width = video_lib.probe(data)
   except Exception as e:  # noqa: BLE001
@@ -184,19 +186,21 @@ def _filesystem(path: str):
   return _FILESYSTEMS[scheme]
 
 
-def read_location(example: SourceExample, index: int) -> bytes:
-  """The encoded bytes of the example's image (or frame `index`), inline or read through FileSystems."""
+def read_location(example: SourceExample, index: int, max_bytes: int) -> bytes:
+  """The encoded bytes of the example's image (or frame `index`), inline or read through FileSystems: only a
+  regular file (a FIFO, a device or a directory is `not_a_file`) of at most `max_bytes` (else
+  `file_too_large`), never reading more than that."""
   if example.data is not None:
     data = example.data[index]
+    if len(data) > max_bytes:
+      raise ExampleError("file_too_large", f"{example.locations[index]}: {len(data)} bytes, over "
+                                           f"--max-file-bytes {max_bytes}")
   else:
     path = example.locations[index]
     try:
-      if not is_local(path):
-        with _filesystem(path).open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-          data = f.read()
-      else:  # unbuffered: one read sized by fstat (Beam's local open adds a buffered reader and a codec probe)
-        with open(path, "rb", buffering=0) as f:
-          data = f.readall()
+      data = _read_local(path, max_bytes) if is_local(path) else _read_remote(path, max_bytes)
+    except ExampleError:
+      raise
     except Exception as e:  # noqa: BLE001 - any IO failure is this record's error, never the job's.
       try:
         exists = FileSystems.exists(path)
@@ -207,6 +211,55 @@ def read_location(example: SourceExample, index: int) -> bytes:
   if not data:
     raise ExampleError("empty_file", f"{example.locations[index]}: empty file")
   return data
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+  """A local regular file of at most max_bytes, in one read sized by fstat (Beam's local open would add a
+  buffered reader and a codec probe). O_NONBLOCK: opening a FIFO would otherwise wait for a writer; the file
+  is checked on its descriptor, so it cannot be swapped between the check and the read."""
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+  try:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+      kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a file")
+      raise ExampleError("not_a_file", f"{path}: not a regular file ({kind})")
+    if st.st_size > max_bytes:
+      raise ExampleError("file_too_large", f"{path}: {st.st_size} bytes, over --max-file-bytes {max_bytes}")
+    f = open(fd, "rb", buffering=0)  # noqa: SIM115 - it owns the descriptor from here
+  except BaseException:
+    os.close(fd)
+    raise
+  with f:
+    return _read_capped(f, path, st.st_size, max_bytes)
+
+
+def _read_remote(path: str, max_bytes: int) -> bytes:
+  """A remote object of at most max_bytes; its size comes from the reader's metadata (gs:// readers know it
+  when opened), so a larger object is refused without downloading it."""
+  with _filesystem(path).open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    if size > max_bytes:
+      raise ExampleError("file_too_large", f"{path}: {size} bytes, over --max-file-bytes {max_bytes}")
+    return _read_capped(f, path, size, max_bytes)
+
+
+def _read_capped(f, path: str, size: int, max_bytes: int) -> bytes:
+  """The file's bytes to its end, never more than max_bytes + 1 of them: the first read asks for the stated
+  `size` plus one byte, later ones (a file that grew, a size that lied, a short read) for at most 64 KiB."""
+  chunks, total, want = [], 0, size + 1
+  while chunk := f.read(want):
+    chunks.append(chunk)
+    total += len(chunk)
+    if total > max_bytes:
+      raise ExampleError("file_too_large", f"{path}: more than {max_bytes} bytes, over --max-file-bytes "
+                                           f"{max_bytes}")
+    want = min(max_bytes + 1 - total, 1 << 16)
+  return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def decode_error(location: str, error: Exception) -> ExampleError:

@@ -63,7 +63,7 @@ class WriteShard(beam.DoFn):
     digest = hashlib.sha256()
     ordered = [(h, [planned for _, planned in sorted(bins[h], key=lambda sp: sp[0])]) for h in sorted(bins)]
     with shard_file.create(tmp, is_local(tmp), len(ordered) * opts.record_bytes_bound()) as f:
-      reads = read_ahead([planned for _, members in ordered for planned in members])
+      reads = read_ahead([planned for _, members in ordered for planned in members], opts.max_file_bytes)
       buffer = np.empty((spec.seq_len, spec.patch_dim), np.uint8)  # each record's patches, rendered in place
       for h, members in ordered:
         examples, pos = [], 0
@@ -102,19 +102,19 @@ class WriteShard(beam.DoFn):
     yield stats
 
 
-def read_frames(planned: Planned) -> list[bytes]:
+def read_frames(planned: Planned, max_bytes: int) -> list[bytes]:
   """The encoded bytes of each location: the image, every frame image, or the one video file."""
-  return [read_location(planned.example, i) for i in range(len(planned.example.locations))]
+  return [read_location(planned.example, i, max_bytes) for i in range(len(planned.example.locations))]
 
 
-def read_ahead(planned: list[Planned], threads: int = REMOTE_READ_THREADS):
+def read_ahead(planned: list[Planned], max_bytes: int, threads: int = REMOTE_READ_THREADS):
   """(frames bytes or None, ExampleError or None) per planned example, in order. Remote files (gs://, ...)
   are read up to `threads` at a time, a bounded distance ahead, so the writer does not wait on each request's
   latency in turn; local and inline ones are read as they come."""
 
   def attempt(p):
     try:
-      return read_frames(p), None
+      return read_frames(p, max_bytes), None
     except ExampleError as e:
       return None, e
 
@@ -161,7 +161,7 @@ def render_example(planned: Planned, options: ShardOptions, frames: list[bytes] 
   patches go to `out` when given (rows of the sequence's patch buffer, at least `planned.tokens` of them), so
   each patch is copied once, from the decoded image to the record; `patches` in the result is that view."""
   p, rows, cols = options.patch_size, planned.rows, planned.cols
-  frames = read_frames(planned) if frames is None else frames
+  frames = read_frames(planned, options.max_file_bytes) if frames is None else frames
   per_frame = rows * cols
   total = planned.frames * per_frame
   kept = options.dropping.kept_indices(options.seed, planned.id, total, options.max_patches_per_image)

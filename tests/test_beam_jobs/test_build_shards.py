@@ -139,7 +139,7 @@ def _manifest_with_every_bad_kind(tmp_path, synthetic_dir):
 
 EXPECTED_ERRORS = [
     (21, None, "not_json"), (22, "noimage", "no_image"), (23, "badlabel", "invalid_record"),
-    (24, "ghost", "missing_file"), (25, "dir", "unreadable_file"), (26, "empty", "empty_file"),
+    (24, "ghost", "missing_file"), (25, "dir", "not_a_file"), (26, "empty", "empty_file"),
     (27, "text", "not_an_image"), (28, "truncated", "truncated_image"), (29, "corrupt", "undecodable_image"),
     (30, "clip", "unsupported_video"), (31, "test-00000", "duplicate_id"),  # line 1's id again
 ]

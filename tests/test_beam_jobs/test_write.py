@@ -21,7 +21,7 @@ def test_remote_reads_run_ahead_in_order_and_keep_their_errors():
     planned.append(Planned(SourceExample(record, (f"memfs://ahead/r{i}.png",)), 1, 1, 1, 1))
     if i % 7:
       memfs.OBJECTS[f"memfs://ahead/r{i}.png"] = f"bytes {i}".encode()
-  results = list(read_ahead(planned, threads=4))
+  results = list(read_ahead(planned, 1 << 20, threads=4))
   assert [r[0] for r in results if r[0]] == [[f"bytes {i}".encode()] for i in range(100) if i % 7]
   assert [(i, r[1].reason) for i, r in enumerate(results) if r[1]] == [(i, "missing_file") for i in range(0, 100, 7)]
 
