@@ -122,20 +122,23 @@ def summarize(shards: list[dict[str, Any]], errors: list[dict[str, Any]], num_li
           "images_per_sequence": {"images": list(range(options.max_images + 1)), "counts": images_hist},
       },
       "splits": dict(sorted(splits.items())),
-      "shards": [{k: s[k] for k in ("path", "split", "sha256", "num_sequences", "num_images", "num_tokens")}
-                 for s in shards],
+      "shards": [{k: s[k] for k in ("path", "split", "sha256", "num_bytes", "crc_digest", "num_sequences",
+                                    "num_images", "num_tokens")} for s in shards],
       "source": source, "options": options.to_json(),
   }
 
 
-def write_info(_, shards, errors, window_labels, output_dir, options, class_names, source):
+def write_info(_, shards, errors, window_labels, output_dir, pending_info, options, class_names, source):
+  """Writes errors.jsonl, and dataset_info.json under the temporary name `pending_info`: the driver publishes
+  it once the build has passed its checks."""
   errors = sorted(errors, key=lambda e: (e["line"], e["reason"], e["id"] or ""))
   num_lines = sum(s["num_images"] for s in shards) + len(errors)
   num_classes = len(class_names) or max(1, max(window_labels, default=-1) + 1)
   info = summarize(list(shards), errors, num_lines, options, num_classes, class_names, source)
   _write_text(FileSystems.join(output_dir, info_lib.ERRORS_FILENAME),
               "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors))
-  _write_text(FileSystems.join(output_dir, info_lib.FILENAME), json.dumps(info, indent=1, sort_keys=True))
+  with FileSystems.create(pending_info, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    f.write(json.dumps(info, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def _write_text(path: str, text: str) -> None:
@@ -157,8 +160,14 @@ def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOp
                  beam_args: list[str] | None = None, workers: int | None = None,
                  tfds_data_dir: str | None = None, manifest_chunk_bytes: int | None = None) -> dict[str, Any]:
   """Runs the whole job; returns dataset_info. `manifest` is a manifest path (local or gs://), `synthetic[:...]`
-  or `tfds:NAME`. Raises ContractError, after writing errors.jsonl and dataset_info.json, when more than
-  `max_error_fraction` of the records are bad."""
+  or `tfds:NAME`.
+
+  The build is published all at once (docs/shard-format.md, "Publication"): it first removes an earlier build's
+  dataset_info.json, lineage.json and errors.jsonl, so that no reader takes the shards being written for the
+  earlier ones, and writes dataset_info.json last, naming exactly the shards of this build. A build that fails
+  publishes nothing and removes its shards and temporary files: more than `max_error_fraction` bad records (a
+  ContractError, errors.jsonl kept as its report), no records, or an error of the job (a full disk is an
+  OSError naming the output directory)."""
   kwargs = {"chunk_bytes": manifest_chunk_bytes} if manifest_chunk_bytes else {}
   source = resolve_source(manifest, tfds_data_dir, **kwargs)
   if options.tokenizer:
@@ -172,28 +181,53 @@ def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOp
   print(f"build_shards: {source.description} -> {output_dir} (runner {runner_name}"
         + (f", {mode.direct_num_workers} worker(s), {mode.direct_running_mode}" if runner else "") + ")",
         file=sys.stderr, flush=True)
+  _unpublish(output_dir)
+  pending_info = FileSystems.join(output_dir, f"{info_lib.FILENAME}.tmp-{uuid.uuid4().hex[:12]}")
+  try:
+    info, seconds = _run_job(source, output_dir, pending_info, options, runner, pipeline_options)
+    _check_errors(info, manifest, output_dir, options)
+    _cleanup_stale(output_dir, info)
+    lineage = {"step": "build_shards", "git_revision": git_revision(), "schema_version": SCHEMA_VERSION,
+               "config": {**options.to_json(), "source": source.description, "runner": runner_name,
+                          "workers": workers, "beam_args": list(beam_args or [])},
+               "inputs": {"manifest": {"path": manifest, "fingerprint": (
+                   _input_fingerprint(source.manifest_path) if source.manifest_path else None)}}}
+    _write_text(FileSystems.join(output_dir, LINEAGE_FILENAME), json.dumps(lineage, indent=1, sort_keys=True))
+    FileSystems.rename([pending_info], [FileSystems.join(output_dir, info_lib.FILENAME)])  # published
+  except BaseException as e:
+    _remove_build(output_dir, keep_errors=isinstance(e, ContractError))
+    disk_error = _os_error(e)
+    if disk_error is not None and disk_error is not e:  # Beam wraps a worker's OSError in a RuntimeError
+      raise OSError(disk_error.errno, f"{disk_error.strerror} writing shards; nothing was published",
+                    output_dir) from None
+    if isinstance(e, OSError):
+      raise OSError(e.errno, f"{e.strerror} writing shards; nothing was published", output_dir) from None
+    raise
+  print(f"build_shards: {info['num_examples']} images -> {info['num_sequences']} sequences in "
+        f"{len(info['shards'])} shards, packing efficiency {info['packing_efficiency']:.4f}, "
+        f"{info['num_errors']} errors, {seconds:.1f} s", file=sys.stderr, flush=True)
+  return info
+
+
+def _run_job(source, output_dir: str, pending_info: str, options: ShardOptions, runner, pipeline_options):
+  """Runs the Beam job; returns (the dataset_info it wrote under `pending_info`, seconds)."""
   start = time.monotonic()
   pipeline = beam.Pipeline(runner=runner, options=pipeline_options)
   outputs = pipeline | "Source" >> source.transform | "BuildShards" >> BuildShards(output_dir, options)
   _ = (pipeline | "Once" >> beam.Create([None])
        | "WriteInfo" >> beam.Map(write_info, beam.pvalue.AsList(outputs["shards"]),
                                  beam.pvalue.AsList(outputs["errors"]), beam.pvalue.AsList(outputs["labels"]),
-                                 output_dir, options,
-                                 source.class_names, source.description))
+                                 output_dir, pending_info, options, source.class_names, source.description))
   with heap_frozen(in_process=runner is not None):
     result = pipeline.run()
     result.wait_until_finish()
   seconds = time.monotonic() - start
-  info = json.loads(_read_text(FileSystems.join(output_dir, info_lib.FILENAME)))
-  info_lib.validate_dataset_info(info, FileSystems.join(output_dir, info_lib.FILENAME))
-  _cleanup_stale(output_dir, info)
-  lineage = {"step": "build_shards", "git_revision": git_revision(), "schema_version": SCHEMA_VERSION,
-             "config": {**options.to_json(), "source": source.description, "runner": runner_name,
-                        "workers": workers, "beam_args": list(beam_args or [])},
-             "inputs": {"manifest": {"path": manifest, "fingerprint": (
-                 _input_fingerprint(source.manifest_path) if source.manifest_path else None)}}}
-  _write_text(FileSystems.join(output_dir, LINEAGE_FILENAME), json.dumps(lineage, indent=1, sort_keys=True))
+  info = info_lib.validate_dataset_info(json.loads(_read_text(pending_info)), pending_info)
   _print_counters(result)
+  return info, seconds
+
+
+def _check_errors(info: dict[str, Any], manifest: str, output_dir: str, options: ShardOptions) -> None:
   if info["num_manifest_lines"] == 0:
     raise ContractError(f"manifest {manifest!r}: no records")
   if info["num_errors"] > options.max_error_fraction * info["num_manifest_lines"]:
@@ -203,11 +237,19 @@ def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOp
     raise ContractError(
         f"{info['num_errors']} of {info['num_manifest_lines']} manifest records failed (max_error_fraction "
         f"{options.max_error_fraction}); first: {manifest}:{first['line']}: {first['reason']}: {detail} "
-        f"(all in {errors_path})")
-  print(f"build_shards: {info['num_examples']} images -> {info['num_sequences']} sequences in "
-        f"{len(info['shards'])} shards, packing efficiency {info['packing_efficiency']:.4f}, "
-        f"{info['num_errors']} errors, {seconds:.1f} s", file=sys.stderr, flush=True)
-  return info
+        f"(all in {errors_path}; nothing was published)")
+
+
+def _os_error(error: BaseException) -> OSError | None:
+  """The OSError behind a failure, if any: the in-process runner raises a worker's exception as a RuntimeError
+  whose context is the original."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def pipeline_runner(beam_args: list[str] | None, workers: int | None):
@@ -245,15 +287,47 @@ def _input_fingerprint(path: str) -> str | None:
   return fingerprint_path(path)
 
 
+def _matching(pattern: str) -> list[str]:
+  try:
+    return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+  except Exception:  # noqa: BLE001 - nothing matched.
+    return []
+
+
+def _shard_files(output_dir: str) -> list[str]:
+  """Every shard file under output_dir, whole or temporary, of any build."""
+  return _matching(FileSystems.join(output_dir, "*", "shard-*-of-*.tfrecord*"))
+
+
+def _unpublish(output_dir: str) -> None:
+  """Removes an earlier build's description (its shards are overwritten or removed as this build goes), so a
+  build killed midway leaves a directory that readers refuse instead of old metadata over new shards."""
+  described = [FileSystems.join(output_dir, name)
+               for name in (info_lib.FILENAME, LINEAGE_FILENAME, info_lib.ERRORS_FILENAME)]
+  present = [p for p in described if FileSystems.exists(p)]
+  if present:
+    FileSystems.delete(present)
+
+
+def _remove_build(output_dir: str, keep_errors: bool) -> None:
+  """After a failed build: its shards, the temporary files of its writers (and of killed runs), its unpublished
+  dataset_info and lineage go; errors.jsonl stays when it reports why the build failed."""
+  names = [info_lib.FILENAME, LINEAGE_FILENAME] + ([] if keep_errors else [info_lib.ERRORS_FILENAME])
+  doomed = _shard_files(output_dir) + [p for name in names for p in _matching(FileSystems.join(output_dir, name + "*"))]
+  if keep_errors:
+    doomed += _matching(FileSystems.join(output_dir, info_lib.ERRORS_FILENAME + ".tmp-*"))
+  if doomed:
+    try:
+      FileSystems.delete(sorted(set(doomed)))
+    except Exception as e:  # noqa: BLE001 - keep the build's own error; say what could not be removed.
+      print(f"build_shards: could not remove every file of the failed build: {e}".splitlines()[0], file=sys.stderr)
+
+
 def _cleanup_stale(output_dir: str, info: dict[str, Any]) -> None:
   """Removes shard files of an earlier build with another shard count, and temporary files of killed runs."""
   keep = {s["path"] for s in info["shards"]}
-  pattern = FileSystems.join(output_dir, "*", "shard-*-of-*.tfrecord*")
-  try:
-    matched = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-  except Exception:  # noqa: BLE001 - nothing matched.
-    return
-  stale = [p for p in matched if "/".join(p.split("/")[-2:]) not in keep]
+  stale = [p for p in _shard_files(output_dir) if "/".join(p.split("/")[-2:]) not in keep]
+  stale += _matching(FileSystems.join(output_dir, info_lib.ERRORS_FILENAME + ".tmp-*"))
   if stale:
     FileSystems.delete(stale)
 

@@ -59,47 +59,65 @@ class WriteShard(beam.DoFn):
     buckets = token_buckets(opts.seq_len)
     stats = {"path": rel, "split": split, "num_sequences": 0, "num_images": 0, "num_tokens": 0,
              "tokens_dropped": 0, "text_tokens_truncated": 0, "tokens_per_image": [0] * len(buckets),
-             "images_per_sequence": [0] * (opts.max_images + 1), "max_frames": 0, "max_actors": 0}
-    digest = hashlib.sha256()
+             "images_per_sequence": [0] * (opts.max_images + 1), "max_frames": 0, "max_actors": 0,
+             "num_bytes": 0}
+    digest, crcs = hashlib.sha256(), hashlib.sha256()  # of the file; of its records' data CRCs
     ordered = [(h, [planned for _, planned in sorted(bins[h], key=lambda sp: sp[0])]) for h in sorted(bins)]
-    with shard_file.create(tmp, is_local(tmp), len(ordered) * opts.record_bytes_bound()) as f:
-      reads = read_ahead([planned for _, members in ordered for planned in members], opts.max_file_bytes)
-      buffer = np.empty((spec.seq_len, spec.patch_dim), np.uint8)  # each record's patches, rendered in place
-      for h, members in ordered:
-        examples, pos = [], 0
-        for planned in members:
-          frames, error = next(reads)
-          try:
-            if error is not None:
-              raise error
-            examples.append(render_example(planned, opts, frames, buffer[pos:]))
-            pos += len(examples[-1]["patches"])
-          except ExampleError as e:
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput("errors", error_row(planned.line, planned.id, e.reason, e.detail))
-        if not examples:
-          continue
-        buffer[pos:] = 0  # padding (and whatever a failed example or the previous record left there)
-        fields, chunks, text_cut = sequence_fields(examples, spec, buffer)
-        for piece in tfrecord.record_pieces(*sequence_pieces(fields, chunks, spec)):
-          f.write(piece)
-          digest.update(piece)
-        stats["num_sequences"] += 1
-        stats["num_images"] += len(examples)
-        stats["images_per_sequence"][len(examples)] += 1
-        stats["text_tokens_truncated"] += text_cut
-        for ex in examples:
-          stats["num_tokens"] += len(ex["patches"])
-          stats["tokens_dropped"] += ex["dropped"]
-          stats["tokens_per_image"][len(ex["patches"]).bit_length() - 1] += 1
-          stats["max_frames"] = max(stats["max_frames"], ex["frames"])
-          stats["max_actors"] = max(stats["max_actors"], len(ex["tube_labels"]))
-        self._images.inc(len(examples))
-        self._sequences.inc()
-        self._progress.add(len(examples))
-    FileSystems.rename([tmp], [path])
-    stats["sha256"] = digest.hexdigest()
+    try:
+      with shard_file.create(tmp, is_local(tmp), len(ordered) * opts.record_bytes_bound()) as f:
+        reads = read_ahead([planned for _, members in ordered for planned in members], opts.max_file_bytes)
+        buffer = np.empty((spec.seq_len, spec.patch_dim), np.uint8)  # each record's patches, rendered in place
+        for h, members in ordered:
+          examples, pos = [], 0
+          for planned in members:
+            frames, error = next(reads)
+            try:
+              if error is not None:
+                raise error
+              examples.append(render_example(planned, opts, frames, buffer[pos:]))
+              pos += len(examples[-1]["patches"])
+            except ExampleError as e:
+              self._failed.inc()
+              yield beam.pvalue.TaggedOutput("errors", error_row(planned.line, planned.id, e.reason, e.detail))
+          if not examples:
+            continue
+          buffer[pos:] = 0  # padding (and whatever a failed example or the previous record left there)
+          fields, chunks, text_cut = sequence_fields(examples, spec, buffer)
+          pieces = tfrecord.record_pieces(*sequence_pieces(fields, chunks, spec))
+          for piece in pieces:
+            f.write(piece)
+            digest.update(piece)
+            stats["num_bytes"] += len(piece)
+          crcs.update(pieces[-1][-4:])  # a record's last 4 bytes: its data CRC (tfrecord.RecordIndex)
+          stats["num_sequences"] += 1
+          stats["num_images"] += len(examples)
+          stats["images_per_sequence"][len(examples)] += 1
+          stats["text_tokens_truncated"] += text_cut
+          for ex in examples:
+            stats["num_tokens"] += len(ex["patches"])
+            stats["tokens_dropped"] += ex["dropped"]
+            stats["tokens_per_image"][len(ex["patches"]).bit_length() - 1] += 1
+            stats["max_frames"] = max(stats["max_frames"], ex["frames"])
+            stats["max_actors"] = max(stats["max_actors"], len(ex["tube_labels"]))
+          self._images.inc(len(examples))
+          self._sequences.inc()
+          self._progress.add(len(examples))
+      FileSystems.rename([tmp], [path])
+    except BaseException:
+      # A full disk, a worker error or the job stopping: no temporary file stays behind to fill the volume.
+      remove_quietly(tmp)
+      raise
+    stats["sha256"], stats["crc_digest"] = digest.hexdigest(), crcs.hexdigest()
     yield stats
+
+
+def remove_quietly(path: str) -> None:
+  """Deletes a file if it is there; a failure to delete must not hide the error being handled."""
+  try:
+    if FileSystems.exists(path):
+      FileSystems.delete([path])
+  except Exception:  # noqa: BLE001
+    pass
 
 
 def read_frames(planned: Planned, max_bytes: int) -> list[bytes]:

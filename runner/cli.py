@@ -269,6 +269,9 @@ def main(argv=None) -> int:
   except (ContractError, FloatingPointError) as e:
     print(f"patchflow: error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:  # the environment, not the input: a full disk, a missing or unwritable directory
+    print(f"patchflow: error: {e}".splitlines()[0], file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

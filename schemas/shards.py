@@ -1,7 +1,8 @@
 """A shard directory's packed sequences as a random-access source (the trainer's batches, the evaluators' splits).
 
-`PackedRecords` indexes every record's (shard, offset, length) by walking the TFRecord length headers
-(`tfrecord.record_extents`), then reads just the records asked for (storage.read_range: a seek locally, a ranged
+`PackedRecords` indexes every record's (shard, offset, length) by walking the TFRecord framing
+(`tfrecord.record_index`), checking on the way that each shard is the one dataset_info.json describes (its size
+and the digest of its records' CRCs), then reads just the records asked for (storage.read_range: a seek locally, a ranged
 GET through google-cloud-storage on gs://) and parses them with TensorFlow, so host memory holds a batch, not
 the data. `load_split` reads a whole (small) split; `tubelet_arrays` turns a batch's per-slot tubelet bytes
 into padded arrays.
@@ -16,7 +17,7 @@ from schemas import dataset_info as info_lib
 from schemas import storage
 from schemas.errors import ContractError
 from schemas.packed import TUBELET_FIELDS
-from schemas.tfrecord import RECORD_HEADER_BYTES, masked_crc32c, record_extents
+from schemas.tfrecord import RECORD_HEADER_BYTES, masked_crc32c, record_index
 
 
 class PackedRecords:
@@ -25,11 +26,18 @@ class PackedRecords:
   def __init__(self, shard_dir: str, split: str, info: dict | None = None):
     info = info or info_lib.read_dataset_info(shard_dir)
     self.spec = info_lib.packed_spec(info)
-    self.paths = info_lib.split_shard_paths(shard_dir, info, split)
-    # gs:// objects are pinned to the version indexed, so a shard rebuilt in place mid-run is an error.
-    self._generations = [storage.generation(path) for path in self.paths]
-    index = [(shard, offset, length) for shard, path in enumerate(self.paths)
-             for offset, length in record_extents(path, self._generations[shard])]
+    shards = info_lib.split_shards(shard_dir, info, split)
+    self.paths = [path for path, _ in shards]
+    self._generations, index = [], []
+    for shard, (path, entry) in enumerate(shards):
+      try:
+        # gs:// objects are pinned to the version indexed, so a shard rebuilt in place mid-run is an error.
+        self._generations.append(storage.generation(path))
+        found = record_index(path, self._generations[-1])
+      except FileNotFoundError:
+        raise ContractError(f"{path}: listed in dataset_info.json but missing") from None
+      info_lib.check_shard(entry, found, path)
+      index.extend((shard, offset, length) for offset, length in found.extents)
     if not index:
       raise ValueError(f"{shard_dir}: split {split!r} holds no sequences")
     self._index = np.asarray(index, np.int64)

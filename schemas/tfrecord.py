@@ -7,7 +7,9 @@ and a TFRecord frame is a length, a CRC32C and the bytes. The encoder gives exac
 `SerializeToString(deterministic=True)` (a test holds it to that).
 """
 
+import dataclasses
 import functools
+import hashlib
 import os
 import struct
 from typing import BinaryIO, Iterator
@@ -293,21 +295,36 @@ def read_records(stream: BinaryIO, where: str = "tfrecord") -> Iterator[bytes]:
     index += 1
 
 
-def record_extents(path: str, generation: int | None = None) -> list[tuple[int, int]]:
-  """(offset of the data, length) of every record of one TFRecord file, from the length headers (whose CRCs
-  are checked). On gs:// the file streams through once (the reader fetches large chunks), locally only the
-  headers are read."""
-  extents = []
+@dataclasses.dataclass(frozen=True)
+class RecordIndex:
+  """What a walk over a TFRecord file's framing finds: (offset of the data, length) of every record, the file's
+  size, and `crc_digest`, the sha256 of the records' data CRCs (the 4 framed bytes after each record's data, in
+  file order). The shard builder records the last two per shard in dataset_info.json, so a reader that walks
+  the framing anyway can tell, at no extra cost, a shard of another build from the one described."""
+  extents: list[tuple[int, int]]
+  num_bytes: int
+  crc_digest: str
+
+
+def record_index(path: str, generation: int | None = None) -> RecordIndex:
+  """Walks a TFRecord file's framing, checking each length's CRC. On gs:// the file streams through once (the
+  reader fetches large chunks), locally only the 16 bytes between two records' data are read: one record's data
+  CRC and the next one's header."""
+  extents, crcs = [], hashlib.sha256()
   with storage.open_file(path, "rb", generation=generation) as f:
     size = f.seek(0, os.SEEK_END)
-    offset = f.seek(0)
+    f.seek(0)
+    offset, header = 0, f.read(RECORD_HEADER_BYTES)
     while offset < size:
-      header = f.read(RECORD_HEADER_BYTES)
       (length,) = struct.unpack_from("<Q", header) if len(header) == RECORD_HEADER_BYTES else (size,)
       if offset + RECORD_HEADER_BYTES + length + 4 > size:
         raise ValueError(f"{path}: truncated TFRecord at byte {offset}")
       if masked_crc32c(header[:8]) != struct.unpack_from("<I", header, 8)[0]:
         raise ValueError(f"{path}: corrupt TFRecord length at byte {offset} (CRC mismatch)")
       extents.append((offset + RECORD_HEADER_BYTES, length))
-      offset = f.seek(offset + RECORD_HEADER_BYTES + length + 4)
-  return extents
+      offset += RECORD_HEADER_BYTES + length
+      f.seek(offset)
+      between = f.read(4 + RECORD_HEADER_BYTES)
+      crcs.update(between[:4])
+      offset, header = offset + 4, between[4:]
+  return RecordIndex(extents, size, crcs.hexdigest())

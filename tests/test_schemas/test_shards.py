@@ -6,7 +6,7 @@ import pytest
 from schemas.dataset_info import read_dataset_info
 from schemas.errors import ContractError
 from schemas.shards import PackedRecords, load_split, tubelet_arrays
-from schemas.tfrecord import record_extents
+from schemas.tfrecord import record_index
 from tests.gcs import upload_to_gcs
 
 
@@ -21,9 +21,9 @@ def test_records_read_in_any_order_equal_the_loaded_split(shard_dir):
   records.close()
 
 
-def test_record_extents_walk_every_shard_of_the_split(shard_dir):
+def test_the_record_index_walks_every_shard_of_the_split(shard_dir):
   records = PackedRecords(str(shard_dir), "train")
-  counts = [len(record_extents(p)) for p in records.paths]
+  counts = [len(record_index(p).extents) for p in records.paths]
   assert len(counts) > 1 and sum(counts) == len(records)
   records.close()
 
@@ -39,7 +39,7 @@ def test_a_flipped_bit_in_a_record_is_an_error_naming_file_and_byte(shard_dir, t
   shards = _copy_shards(shard_dir, tmp_path)
   records = PackedRecords(str(shards), "train")
   first = records.paths[0]
-  data_offset, length = record_extents(first)[1]  # the second record of the first shard
+  data_offset, length = record_index(first).extents[1]  # the second record of the first shard
   with open(first, "r+b") as f:
     f.seek(data_offset + length // 2)
     byte = f.read(1)
@@ -60,7 +60,7 @@ def test_a_corrupt_length_header_is_an_error_naming_file_and_byte(shard_dir, tmp
     f.seek(9)
     f.write(bytes([byte[0] ^ 0x01]))
   with pytest.raises(ValueError, match="corrupt TFRecord length at byte 0"):
-    record_extents(first)
+    record_index(first)
 
 
 def test_missing_remote_dataset_is_a_clear_error(gcs_emulator):
@@ -120,3 +120,74 @@ def test_video_shards_of_schema_version_1_stay_readable():
   with pytest.raises(ContractError, match="no field 'frame_t'; tubelets are in video shards of schema version 2 "
                                           r"on \(these are version 1, video True\)"):
     tubelet_arrays(split, info)
+
+
+def _reframed(path, change):
+  """The shard's records framed again, each record's data passed through `change` (which keeps its length):
+  a file of the same size and valid CRCs, as another build with the same shapes writes."""
+  from schemas.tfrecord import frame_record, read_records
+  with open(path, "rb") as f:
+    records = list(read_records(f))
+  with open(path, "wb") as f:
+    for record in records:
+      f.write(frame_record(change(record)))
+
+
+def _one_byte_changed(record):
+  middle = len(record) // 2
+  return record[:middle] + bytes([record[middle] ^ 0x01]) + record[middle + 1:]
+
+
+def test_a_shard_of_another_build_with_the_same_size_and_valid_crcs_is_refused_by_every_reader(shard_dir, tmp_path):
+  shards = _copy_shards(shard_dir, tmp_path)
+  info = read_dataset_info(str(shards))
+  first = next(s for s in info["shards"] if s["split"] == "train")
+  size = os.path.getsize(shards / first["path"])
+  _reframed(shards / first["path"], _one_byte_changed)
+  assert os.path.getsize(shards / first["path"]) == size
+  message = (rf"{first['path']}: not the shard that dataset_info.json describes \(its records' CRC digest "
+             r"differs\): a shard of another build, or of a rebuild that did not finish; rebuild the directory")
+  with pytest.raises(ContractError, match=message):
+    PackedRecords(str(shards), "train")
+  with pytest.raises(ContractError, match=message):
+    load_split(str(shards), "train")
+  load_split(str(shards), "val")  # the other splits' shards are whole
+
+
+def test_a_shard_of_another_size_is_refused(shard_dir, tmp_path):
+  shards = _copy_shards(shard_dir, tmp_path)
+  info = read_dataset_info(str(shards))
+  train = next(s for s in info["shards"] if s["split"] == "train")
+  val = next(s for s in info["shards"] if s["split"] == "val")
+  (shards / train["path"]).write_bytes((shards / val["path"]).read_bytes())
+  with pytest.raises(ContractError, match=rf"{train['path']}: not the shard that dataset_info.json describes "
+                                          rf"\({os.path.getsize(shards / val['path'])} bytes, not {train['num_bytes']}\)"):
+    load_split(str(shards), "train")
+
+
+def test_a_listed_shard_that_is_missing_is_a_clear_error(shard_dir, tmp_path):
+  shards = _copy_shards(shard_dir, tmp_path)
+  listed = next(s for s in read_dataset_info(str(shards))["shards"] if s["split"] == "val")
+  os.remove(shards / listed["path"])
+  with pytest.raises(ContractError, match=rf"{listed['path']}: listed in dataset_info.json but missing"):
+    load_split(str(shards), "val")
+
+
+@pytest.mark.parametrize("path", ["../outside.tfrecord", "/etc/passwd", "train/../../x.tfrecord", "train/x.txt"])
+def test_a_dataset_info_naming_a_path_outside_its_directory_is_refused(shard_dir, tmp_path, path):
+  import json
+  shards = _copy_shards(shard_dir, tmp_path)
+  info = json.loads((shards / "dataset_info.json").read_text())
+  next(s for s in info["shards"] if s["split"] == "val")["path"] = path
+  (shards / "dataset_info.json").write_text(json.dumps(info))
+  with pytest.raises(ContractError, match=r"dataset_info.json: shard path .* is not SPLIT/shard-SSSSS-of-NNNNN"):
+    load_split(str(shards), "val")
+
+
+def test_a_remote_shard_of_another_build_is_refused(gcs_emulator, shard_dir, tmp_path):
+  shards = _copy_shards(shard_dir, tmp_path)
+  first = next(s for s in read_dataset_info(str(shards))["shards"] if s["split"] == "train")
+  _reframed(shards / first["path"], _one_byte_changed)
+  remote = upload_to_gcs(gcs_emulator, shards, "datasets/mixed")
+  with pytest.raises(ContractError, match=f"{first['path']}: not the shard that dataset_info.json describes"):
+    PackedRecords(remote, "train")

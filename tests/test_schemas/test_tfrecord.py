@@ -89,4 +89,25 @@ def test_truncated_tfrecord_names_the_file_and_byte(tmp_path, tail, where):
   path = tmp_path / "x.tfrecord"
   path.write_bytes(tail)
   with pytest.raises(ValueError, match=f"x.tfrecord: truncated TFRecord at {where}"):
-    tfrecord.record_extents(str(path))
+    tfrecord.record_index(str(path))
+
+
+def test_the_record_index_gives_extents_size_and_the_digest_of_the_data_crcs(tmp_path):
+  import hashlib
+  import struct
+  records = [b"", b"a", b"some bytes" * 1000, b"z" * 3]
+  path = tmp_path / "x.tfrecord"
+  path.write_bytes(b"".join(tfrecord.frame_record(r) for r in records))
+  index = tfrecord.record_index(str(path))
+  offsets = [12 + sum(16 + len(r) for r in records[:i]) for i in range(len(records))]
+  assert index.extents == [(o, len(r)) for o, r in zip(offsets, records)]
+  assert index.num_bytes == path.stat().st_size
+  footers = b"".join(struct.pack("<I", tfrecord.masked_crc32c(r)) for r in records)
+  assert index.crc_digest == hashlib.sha256(footers).hexdigest()
+  other = tmp_path / "y.tfrecord"  # the same size and framing, other data
+  other.write_bytes(b"".join(tfrecord.frame_record(r.upper()) for r in records))
+  assert tfrecord.record_index(str(other)).num_bytes == index.num_bytes
+  assert tfrecord.record_index(str(other)).crc_digest != index.crc_digest
+  empty = tmp_path / "empty.tfrecord"
+  empty.write_bytes(b"")
+  assert tfrecord.record_index(str(empty)) == tfrecord.RecordIndex([], 0, hashlib.sha256().hexdigest())
