@@ -20,8 +20,10 @@ garbage collector, progress lines) is `runtime.py`. This module composes them (`
 shards into dataset_info.json and drives the job (`build_shards`).
 """
 
+import contextlib
 import hashlib
 import json
+import logging
 import sys
 import time
 import uuid
@@ -218,13 +220,27 @@ def _run_job(source, output_dir: str, pending_info: str, options: ShardOptions, 
        | "WriteInfo" >> beam.Map(write_info, beam.pvalue.AsList(outputs["shards"]),
                                  beam.pvalue.AsList(outputs["errors"]), beam.pvalue.AsList(outputs["labels"]),
                                  output_dir, pending_info, options, source.class_names, source.description))
-  with heap_frozen(in_process=runner is not None):
+  with heap_frozen(in_process=runner is not None), _worker_tracebacks_unlogged(in_process=runner is not None):
     result = pipeline.run()
     result.wait_until_finish()
   seconds = time.monotonic() - start
   info = info_lib.validate_dataset_info(json.loads(_read_text(pending_info)), pending_info)
   _print_counters(result)
   return info, seconds
+
+
+@contextlib.contextmanager
+def _worker_tracebacks_unlogged(in_process: bool):
+  """Beam's in-process runner logs a failing DoFn's traceback, then raises the error to the driver, which
+  raises it again (one line for a full disk, the whole traceback for a bug): the log would only repeat it."""
+  logger = logging.getLogger("apache_beam.runners.common")
+  level = logger.level
+  if in_process:
+    logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _check_errors(info: dict[str, Any], manifest: str, output_dir: str, options: ShardOptions) -> None:

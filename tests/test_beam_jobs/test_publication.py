@@ -4,6 +4,7 @@ temporary files, and readers refuse a directory without it."""
 
 import errno
 import json
+import logging
 import os
 
 import pytest
@@ -84,7 +85,7 @@ def full_disk_after(monkeypatch):
 
 @pytest.mark.parametrize("writes_before", [0, 1])
 def test_a_full_disk_fails_in_one_line_with_no_temporary_file_and_nothing_published(
-    synthetic_dir, tmp_path, capsys, full_disk_after, writes_before):
+    synthetic_dir, tmp_path, capsys, caplog, full_disk_after, writes_before):
   out = tmp_path / "out"
   build_shards(_manifest(synthetic_dir, tmp_path), str(out), OPTIONS)  # an older build, then a rebuild over it
   full_disk_after(writes_before)
@@ -94,6 +95,7 @@ def test_a_full_disk_fails_in_one_line_with_no_temporary_file_and_nothing_publis
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.startswith("patchflow: error: [Errno 28] No space left on device writing shards; nothing was published")
   assert "No space left on device" in err and str(out) in err
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no worker traceback logged besides
   assert _files(out) == []  # no temporary file, no shard of either build, nothing published
   with pytest.raises(ContractError, match="not found"):
     read_dataset_info(str(out))
