@@ -56,6 +56,7 @@ from evaluators import metrics, prediction_stream
 from evaluators.prediction_stream import Source, open_predictions, row_error
 from evaluators.temperature_rows import STORE_BUDGET_BYTES, TemperatureRows
 from schemas import storage
+from schemas.errors import ContractError
 
 NUM_BINS = metrics.NUM_ECE_BINS
 NUM_EQUAL_MASS_BINS = metrics.NUM_EQUAL_MASS_BINS
@@ -530,10 +531,16 @@ def json_safe(value):
 
 def calibrate(predictions_path: str, output_dir: str, log=print) -> dict:
   """Writes calibration.json, the reliability/selective-prediction PNGs and calibration.html (a fragment the
-  report embeds) under output_dir (a local path or a URI such as gs://...); returns calibration.json."""
+  report embeds) under output_dir (a local path or a URI such as gs://...); returns calibration.json.
+
+  Local outputs appear all together or not at all: they are written to a staging folder inside output_dir and
+  renamed into place once every one is whole, so a full disk leaves an earlier run's outputs as they were."""
   from concurrent.futures import ThreadPoolExecutor
 
   from schemas.lineage import fingerprint_path, write_lineage
+  remote = "://" in output_dir
+  if not remote:
+    check_output_dir(output_dir)  # before the analysis, which can take long
   # gs:// inputs are fingerprinted by their GCS checksums (no download); other URIs are named only.
   named_only = "://" in predictions_path and not storage.is_gcs(predictions_path)
   with ThreadPoolExecutor(max_workers=2) as background:
@@ -546,36 +553,42 @@ def calibrate(predictions_path: str, output_dir: str, log=print) -> dict:
     clock = time.perf_counter()
     fingerprints = {"predictions": fingerprint.result()} if fingerprint else {}
     log(f"calibrate: waited {time.perf_counter() - clock:.1f} s for the input's sha256 (lineage)")
-  remote = "://" in output_dir
-  local_dir = tempfile.mkdtemp(prefix="patchflow-calibration-") if remote else output_dir
+  created = not remote and not os.path.isdir(output_dir)
+  if not remote:
+    os.makedirs(output_dir, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix="patchflow-calibration-" if remote else ".calibrate-tmp-",
+                             dir=None if remote else output_dir)
   try:
-    os.makedirs(local_dir, exist_ok=True)
     clock = time.perf_counter()
     pngs = figures(result)
     for name, png in pngs.items():
-      with open(os.path.join(local_dir, name + ".tmp"), "wb") as f:
-        f.write(png)
-      os.replace(os.path.join(local_dir, name + ".tmp"), os.path.join(local_dir, name))
-    _write_text(os.path.join(local_dir, "calibration.json"), json.dumps(result, indent=1, sort_keys=True,
-                                                                         allow_nan=False))
-    _write_text(os.path.join(local_dir, "calibration.html"), html_fragment(result, pngs))
+      _write_file(os.path.join(staging, name), png)
+    _write_file(os.path.join(staging, "calibration.json"),
+                json.dumps(result, indent=1, sort_keys=True, allow_nan=False).encode("utf-8"))
+    _write_file(os.path.join(staging, "calibration.html"), html_fragment(result, pngs).encode("utf-8"))
     log(f"calibrate: figures, HTML and JSON: {time.perf_counter() - clock:.1f} s")
     config = {"num_bins": NUM_BINS, "num_equal_mass_bins": NUM_EQUAL_MASS_BINS, "seed": SEED,
               "bootstrap_replicates": BOOTSTRAP_REPLICATES, "predictions": predictions_path}
     # A remote input other than gs:// is named, not fingerprinted (hashing it would download it again).
-    write_lineage(local_dir, "calibrate", config, {} if named_only else {"predictions": predictions_path},
+    write_lineage(staging, "calibrate", config, {} if named_only else {"predictions": predictions_path},
                   fingerprints)
     if storage.is_gcs(output_dir):
-      for name in sorted(os.listdir(local_dir)):
-        storage.upload_file(os.path.join(local_dir, name), storage.join(output_dir, name))
+      for name in sorted(os.listdir(staging)):
+        storage.upload_file(os.path.join(staging, name), storage.join(output_dir, name))
     elif remote:
       from pyarrow import fs
       filesystem, inner = fs.FileSystem.from_uri(output_dir)
       filesystem.create_dir(inner, recursive=True)
-      fs.copy_files(local_dir, inner, destination_filesystem=filesystem)
-  finally:
-    if remote:
-      shutil.rmtree(local_dir, ignore_errors=True)
+      fs.copy_files(staging, inner, destination_filesystem=filesystem)
+    else:
+      for name in sorted(os.listdir(staging)):  # renames need no space: every output is whole by now
+        os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    if created and not os.listdir(output_dir):
+      os.rmdir(output_dir)
+    raise
+  shutil.rmtree(staging, ignore_errors=True)
   log(f"calibrate: accuracy {result['accuracy']:.4f} ece {result['ece']:.4f} "
       f"ece_equal_mass {result['ece_equal_mass']:.4f} temperature {result['temperature']:.3f} "
       f"({result['num_examples']} rows, {result['num_classes']} classes)")
@@ -641,7 +654,21 @@ def html_fragment(result: dict, pngs: dict[str, bytes]) -> str:
   return "\n".join(parts)
 
 
-def _write_text(path: str, text: str) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+def _write_file(path: str, data: bytes) -> None:
+  """A new file holding `data`, written with os.write (a full disk raises here, not later on close)."""
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    view = memoryview(data)
+    while view:
+      view = view[os.write(fd, view):]
+  finally:
+    os.close(fd)
+
+
+def check_output_dir(path: str) -> None:
+  """A local output directory can be made at `path`: neither it nor a folder above it is a file."""
+  probe = os.path.abspath(path)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ContractError(f"--output {path!r}: {probe} is a file, not a directory")

@@ -422,6 +422,47 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
   assert capsys.readouterr().err.strip() == f"patchflow: error: {tmp_path}/missing.parquet: no such file"
 
 
+@pytest.mark.parametrize("output", ["a_file", "a_file/sub"])
+def test_an_output_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys, output):
+  path = write(tmp_path / "p.parquet", *random_case(n=50, k=3, seed=12))
+  (tmp_path / "a_file").write_text("keep me")
+  assert main(["calibrate", "--predictions", path, "--output", str(tmp_path / output)]) == 2
+  out, err = capsys.readouterr()
+  assert err.strip() == f"patchflow: error: --output {str(tmp_path / output)!r}: {tmp_path / 'a_file'} is a file, " \
+                        "not a directory"
+  assert "calibrate:" not in out + err  # refused before reading the predictions
+  assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def _outputs(directory):
+  return {p.name: p.read_bytes() for p in directory.rglob("*") if p.is_file()} if directory.exists() else {}
+
+
+@pytest.mark.parametrize("earlier_run", [False, True], ids=["new directory", "over an earlier run"])
+def test_a_full_disk_leaves_all_of_the_outputs_or_none_and_is_one_line(tmp_path, capsys, monkeypatch, earlier_run):
+  out = tmp_path / "out"
+  path = write(tmp_path / "p.parquet", *random_case(n=100, k=3, seed=13))
+  if earlier_run:
+    assert main(["calibrate", "--predictions", write(tmp_path / "q.parquet", *random_case(n=80, k=3, seed=14)),
+                 "--output", str(out)]) == 0
+  before = _outputs(out)
+  real_write, calls = os.write, []
+
+  def full_after_two_files(fd, data):
+    calls.append(len(data))
+    if len(calls) > 2:  # the first files are staged, then the disk is full
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_write(fd, data)
+
+  monkeypatch.setattr(calibration.os, "write", full_after_two_files)
+  capsys.readouterr()
+  assert main(["calibrate", "--predictions", path, "--output", str(out)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("patchflow: error: [Errno 28] No space left on device") and len(calls) == 3
+  assert _outputs(out) == before  # an earlier run's outputs stay whole; a new directory stays empty
+  assert sorted(os.listdir(tmp_path)) == sorted(["p.parquet"] + (["q.parquet", "out"] if earlier_run else []))
+
+
 def test_uri_paths_read_and_write_through_pyarrow_filesystems(tmp_path):
   labels, logits = random_case(n=50, k=3, seed=11)
   write(tmp_path / "p.parquet", labels, logits)
