@@ -11,6 +11,7 @@
 """
 
 import argparse
+import os
 import sys
 
 from beam_jobs.options import add_shard_arguments, shard_options_from_args
@@ -24,7 +25,20 @@ def _compile(args) -> int:
   pipeline = registry.get_pipeline(args.pipeline, args.target)
   params = registry.parse_parameters(pipeline, args.set)
   check_parameters(pipeline, params)
-  compiler.Compiler().compile(pipeline, args.output, pipeline_parameters=params or None)
+  # Into a directory made if missing, under a temporary name with the same suffix (kfp picks YAML or JSON by
+  # it), then renamed: a failed compile leaves nothing under the final name.
+  folder, name = os.path.split(os.path.abspath(args.output))
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):
+    raise ContractError(f"--output {args.output!r}: a folder above it is a file, not a directory") from None
+  tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")
+  try:
+    compiler.Compiler().compile(pipeline, tmp, pipeline_parameters=params or None)
+    os.replace(tmp, args.output)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   print(f"compiled {args.pipeline} for target {args.target or 'default'} -> {args.output}")
   return 0
 

@@ -25,7 +25,25 @@ def test_compile_writes_kfp_ir_with_every_step(tmp_path, capsys):
     assert "pip install" not in " ".join(executor["container"]["command"])  # nothing fetched at run time
 
 
+def test_compile_into_a_missing_directory_makes_it_and_leaves_no_temporary_file(tmp_path, capsys):
+  out = tmp_path / "new" / "deeper" / "smoke.yaml"
+  assert main(["compile", "smoke", "--output", str(out)]) == 0
+  assert set(yaml.safe_load(out.read_text())["root"]["dag"]["tasks"]) == SMOKE_TASKS
+  assert os.listdir(out.parent) == ["smoke.yaml"]
+
+
+def test_compile_under_a_file_is_one_line_and_writes_nothing(tmp_path, capsys):
+  (tmp_path / "a_file").write_text("keep me")
+  for below in ("smoke.yaml", "deeper/smoke.yaml"):
+    assert main(["compile", "smoke", "--output", str(tmp_path / "a_file" / below)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("patchflow: error: ") and "is a file, not a directory" in err and "\n" not in err
+  assert sorted(os.listdir(tmp_path)) == ["a_file"] and (tmp_path / "a_file").read_text() == "keep me"
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["compile", "smoke", "--output", "/dev/null/smoke.yaml"],
+     "--output '/dev/null/smoke.yaml': a folder above it is a file, not a directory"),
     (["run", "nope"], "unknown pipeline 'nope' (known: action_localisation, calibration_study, smoke)"),
     (["run", "smoke", "--set", "steps=ten"], "parameter 'steps': expected int, got 'ten'"),
     (["run", "smoke", "--set", "learning_rate=fast"], "parameter 'learning_rate': expected float"),
