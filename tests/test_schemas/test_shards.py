@@ -191,3 +191,28 @@ def test_a_remote_shard_of_another_build_is_refused(gcs_emulator, shard_dir, tmp
   remote = upload_to_gcs(gcs_emulator, shards, "datasets/mixed")
   with pytest.raises(ContractError, match=f"{first['path']}: not the shard that dataset_info.json describes"):
     PackedRecords(remote, "train")
+
+
+V2_UNCHECKED_SHARDS = os.path.join(os.path.dirname(__file__), "fixtures", "v2_image_shards_unchecked")
+
+
+@pytest.mark.parametrize("fixture", [V1_VIDEO_SHARDS, V2_UNCHECKED_SHARDS], ids=["v1 video", "v2 images"])
+def test_shards_written_before_the_per_shard_check_are_read_as_before(fixture, tmp_path):
+  """Builds from before dataset_info.json recorded each shard's num_bytes and crc_digest (v1 at 296d473, v2
+  image shards at ce10e45: three images of 8x12, 4x4 and 12x8 pixels, 4-pixel patches) are read without the
+  check at open; a shard rebuilt under them is still caught by the CRC of each record it reads."""
+  info = read_dataset_info(fixture)
+  assert all("num_bytes" not in s and "crc_digest" not in s for s in info["shards"])
+  split = load_split(fixture, "train")
+  assert sorted(r.decode() for r in split["example_ids"].reshape(-1) if r) == (
+      ["clip", "still"] if fixture == V1_VIDEO_SHARDS else ["im0", "im1", "im2"])
+  copy = tmp_path / "copy"
+  import shutil
+  shutil.copytree(fixture, copy)
+  shard = copy / info["shards"][0]["path"]
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  shard.write_bytes(bytes(data))
+  records = PackedRecords(str(copy), "train")  # no check at open for these
+  with pytest.raises(ValueError, match="data CRC mismatch"):
+    records.read([0])
