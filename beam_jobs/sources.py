@@ -37,7 +37,8 @@ class SourceExample:
 def error_row(line: int, rid: str | None, reason: str, detail: str) -> dict[str, Any]:
   """An error row; an id or detail holding lone surrogates (JSON's \\ud800 escapes) gets them as backslash
   escapes, since the row must itself be valid UTF-8 (Beam's coders and errors.jsonl encode it)."""
-  return {"line": line, "id": None if rid is None else _printable(rid), "reason": reason, "detail": _printable(detail)}
+  return {"line": line, "id": None if rid is None else _printable(rid), "reason": reason,
+          "detail": _printable(detail)}
 
 
 def _printable(text: str) -> str:

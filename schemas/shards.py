@@ -2,10 +2,10 @@
 
 `PackedRecords` indexes every record's (shard, offset, length) by walking the TFRecord framing
 (`tfrecord.record_index`), checking on the way that each shard is the one dataset_info.json describes (its size
-and the digest of its records' CRCs), then reads just the records asked for (storage.read_range: a seek locally, a ranged
-GET through google-cloud-storage on gs://) and parses them with TensorFlow, so host memory holds a batch, not
-the data. `load_split` reads a whole (small) split; `tubelet_arrays` turns a batch's per-slot tubelet bytes
-into padded arrays.
+and the digest of its records' CRCs), then reads just the records asked for (storage.read_range: a seek
+locally, a ranged GET through google-cloud-storage on gs://) and parses them with TensorFlow, so host memory
+holds a batch, not the data. `load_split` reads a whole (small) split; `tubelet_arrays` turns a batch's
+per-slot tubelet bytes into padded arrays.
 """
 
 import concurrent.futures

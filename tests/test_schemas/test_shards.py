@@ -160,8 +160,9 @@ def test_a_shard_of_another_size_is_refused(shard_dir, tmp_path):
   train = next(s for s in info["shards"] if s["split"] == "train")
   val = next(s for s in info["shards"] if s["split"] == "val")
   (shards / train["path"]).write_bytes((shards / val["path"]).read_bytes())
+  size = os.path.getsize(shards / val["path"])
   with pytest.raises(ContractError, match=rf"{train['path']}: not the shard that dataset_info.json describes "
-                                          rf"\({os.path.getsize(shards / val['path'])} bytes, not {train['num_bytes']}\)"):
+                                          rf"\({size} bytes, not {train['num_bytes']}\)"):
     load_split(str(shards), "train")
 
 
