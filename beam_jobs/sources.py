@@ -357,5 +357,7 @@ def resolve_source(spec: str, tfds_data_dir: str | None = None,
     raise ContractError(f"manifest {spec!r}: file not found")
   if "://" not in spec and os.path.isdir(spec):
     raise ContractError(f"manifest {spec!r}: a directory, not a JSONL file")
+  if "://" not in spec and not os.path.isfile(spec):  # a FIFO would block the job's first read
+    raise ContractError(f"manifest {spec!r}: not a regular file")
   class_names = read_class_names(spec)
   return ResolvedSource(spec, ManifestSource(spec, class_names, chunk_bytes), class_names, spec)

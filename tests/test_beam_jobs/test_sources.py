@@ -95,6 +95,11 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 def test_a_manifest_that_is_a_directory_is_a_clear_error(tmp_path):
   with pytest.raises(ContractError, match=r"^manifest '.*': a directory, not a JSONL file$"):
     resolve_source(str(tmp_path))
+  import os
+  os.mkfifo(tmp_path / "pipe.jsonl")
+  for path in (str(tmp_path / "pipe.jsonl"), "/dev/zero"):
+    with pytest.raises(ContractError, match=r"^manifest '.*': not a regular file$"):
+      resolve_source(path)
 
 
 @pytest.fixture(scope="module")
