@@ -59,3 +59,9 @@ def test_bad_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
 def test_a_missing_manifest_is_one_line(tmp_path, capsys):
   assert main(["shards", "build", "--manifest", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path)]) == 2
   assert capsys.readouterr().err.strip() == f"patchflow: error: manifest {str(tmp_path / 'nope.jsonl')!r}: file not found"
+
+
+def test_a_manifest_that_is_a_directory_is_one_line(tmp_path, capsys):
+  assert main(["shards", "build", "--manifest", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+  assert capsys.readouterr().err.strip() == f"patchflow: error: manifest {str(tmp_path)!r}: a directory, not a JSONL file"
+  assert not (tmp_path / "out").exists()
