@@ -164,7 +164,7 @@ def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOp
   """Runs the whole job; returns dataset_info. `manifest` is a manifest path (local or gs://), `synthetic[:...]`
   or `tfds:NAME`.
 
-  The build is published all at once (docs/shard-format.md, "Publication"): it first removes an earlier build's
+  The build is published all at once (docs/shard-format.md, "Publication and verification"): it first removes an earlier build's
   dataset_info.json, lineage.json and errors.jsonl, so that no reader takes the shards being written for the
   earlier ones, and writes dataset_info.json last, naming exactly the shards of this build. A build that fails
   publishes nothing and removes its shards and temporary files: more than `max_error_fraction` bad records (a
@@ -198,12 +198,9 @@ def build_shards(manifest: str, output_dir: str, options: ShardOptions = ShardOp
     FileSystems.rename([pending_info], [FileSystems.join(output_dir, info_lib.FILENAME)])  # published
   except BaseException as e:
     _remove_build(output_dir, keep_errors=isinstance(e, ContractError))
-    disk_error = _os_error(e)
-    if disk_error is not None and disk_error is not e:  # Beam wraps a worker's OSError in a RuntimeError
-      raise OSError(disk_error.errno, f"{disk_error.strerror} writing shards; nothing was published",
-                    output_dir) from None
-    if isinstance(e, OSError):
-      raise OSError(e.errno, f"{e.strerror} writing shards; nothing was published", output_dir) from None
+    cause = None if isinstance(e, ContractError) else _os_error(e)
+    if cause is not None:  # a full disk, say: one line naming the directory, from the driver or a worker
+      raise OSError(cause.errno, f"{cause.strerror} writing shards; nothing was published", output_dir) from None
     raise
   print(f"build_shards: {info['num_examples']} images -> {info['num_sequences']} sequences in "
         f"{len(info['shards'])} shards, packing efficiency {info['packing_efficiency']:.4f}, "
@@ -328,15 +325,16 @@ def _unpublish(output_dir: str) -> None:
 def _remove_build(output_dir: str, keep_errors: bool) -> None:
   """After a failed build: its shards, the temporary files of its writers (and of killed runs), its unpublished
   dataset_info and lineage go; errors.jsonl stays when it reports why the build failed."""
-  names = [info_lib.FILENAME, LINEAGE_FILENAME] + ([] if keep_errors else [info_lib.ERRORS_FILENAME])
-  doomed = _shard_files(output_dir) + [p for name in names for p in _matching(FileSystems.join(output_dir, name + "*"))]
-  if keep_errors:
-    doomed += _matching(FileSystems.join(output_dir, info_lib.ERRORS_FILENAME + ".tmp-*"))
+  patterns = [info_lib.FILENAME + "*", LINEAGE_FILENAME + "*",
+              info_lib.ERRORS_FILENAME + (".tmp-*" if keep_errors else "*")]
+  doomed = _shard_files(output_dir) + [p for pattern in patterns
+                                       for p in _matching(FileSystems.join(output_dir, pattern))]
   if doomed:
     try:
       FileSystems.delete(sorted(set(doomed)))
     except Exception as e:  # noqa: BLE001 - keep the build's own error; say what could not be removed.
-      print(f"build_shards: could not remove every file of the failed build: {e}".splitlines()[0], file=sys.stderr)
+      print(f"build_shards: could not remove every file of the failed build: {e}".splitlines()[0],
+            file=sys.stderr)
 
 
 def _cleanup_stale(output_dir: str, info: dict[str, Any]) -> None:
