@@ -111,11 +111,16 @@ def _shards_build(args) -> int:
 
 
 def _train(args) -> int:
+  from trainers.train import UnusableModelError
   from trainers.train import main as train_main
   argv = ["--data", args.data, "--workdir", args.workdir, "--config", args.config]
   for assignment in args.set:
     argv += ["--set", assignment]
-  return train_main(argv)
+  try:
+    return train_main(argv)
+  except UnusableModelError as e:  # trained and saved, but of no use: the run failed, the input was fine
+    print(f"patchflow: error: {e}", file=sys.stderr)
+    return 1
 
 
 def _calibrate(args) -> int:

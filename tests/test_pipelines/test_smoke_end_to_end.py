@@ -143,12 +143,15 @@ def test_rerun_of_an_unknown_id_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_step_fails_the_run_loudly_with_its_name_and_error(tmp_path):
-  result = _patchflow("run", "smoke", *SMALL, "--set", "max_patches_per_image=999", home=tmp_path)
+  # A 2-step run at learning rate 1e10 trains (its loss is checked only where it is logged) to a useless model.
+  result = _patchflow("run", "smoke", *SMALL, "--set", "steps=2", "--set", "learning_rate=1e10", home=tmp_path)
   assert result.returncode == 1
   last = result.stdout.strip().splitlines()[-1]
-  assert re.fullmatch(r"run smoke-\S+ FAILED step=build-shards log=\S+kfp\.log", last), last
-  assert "step 'build-shards' FAILED: ContractError: shard options: 'max_patches_per_image' (999)" in result.stderr
+  assert re.fullmatch(r"run smoke-\S+ FAILED step=train log=\S+kfp\.log", last), last
+  assert "step 'train' FAILED: UnusableModelError: train: the model is not usable: validation " in result.stderr
   run_dir = tmp_path / last.split()[1]
   record = json.load(open(run_dir / "run.json"))
-  assert record["status"] == "FAILED" and record["failed_step"] == "build-shards"
-  assert record["steps"]["train"]["verdict"] == "NOT_RUN"
+  assert record["status"] == "FAILED" and record["failed_step"] == "train"
+  assert record["reason"].startswith("step 'train' FAILED: UnusableModelError: train: the model is not usable")
+  assert record["steps"]["evaluate"]["verdict"] == "NOT_RUN"
+  assert list(run_dir.glob("root/*/train/checkpoint/checkpoints/2"))  # kept for inspection
