@@ -6,6 +6,7 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 
 from trainers.configs import apply_overrides, load_config
@@ -54,6 +55,9 @@ def test_a_normal_tiny_run_passes(shard_dir, tmp_path):
     (classification.TASK, {"loss": 1.7, "accuracy": 1 / 6}, 6,
      "validation accuracy 0.167 is at or below chance (1/6 = 0.167)"),
     (classification.TASK, {"loss": 1.7, "accuracy": 0.1}, 6, "validation accuracy 0.100 is at or below chance"),
+    (classification.TASK, {"loss": 1.7, "accuracy": float(np.float32(5 / 30))}, 6,
+     "validation accuracy 0.167 is at or below chance"),  # a float32 mean of exactly chance
+    (classification.TASK, {"loss": 1.7, "accuracy": 6 / 30}, 6, None),
     (video_classification.TASK, {"loss": 1.1, "accuracy": 0.25}, 4,
      "validation accuracy 0.250 is at or below chance (1/4 = 0.250)"),
     (tubelets.TASK, {"loss": 4.0, "actor_accuracy": 0.2, "box_iou": 0.3}, 4,
