@@ -12,6 +12,7 @@ from kfp import dsl
 from components import evaluate as evaluate_steps
 from components import report as report_steps
 from components import train as train_steps
+from pipelines.parameters import SHORTCUT, ranges
 from pipelines.synthetic_shards import with_synthetic_shards
 
 
@@ -21,6 +22,7 @@ def build(target: dict | None = None):
   @dsl.pipeline(name="action-localisation", description="Synthetic action clips -> video shards with tubelets "
                 "-> STAR checkpoint -> frame-mAP and video-mAP -> report.html")
   @with_synthetic_shards("action_clips", target)
+  @ranges(steps=SHORTCUT, batch_size=SHORTCUT, learning_rate=SHORTCUT)
   def action_localisation(shards: dsl.Dataset, seed: int, config: str = "star_tiny", overrides: dict = {},
                           steps: int = 0, batch_size: int = 0, learning_rate: float = 0.0) -> dsl.HTML:
     checkpoint = train_steps.train(shards=shards, config=config, overrides=overrides, seed=seed, steps=steps,

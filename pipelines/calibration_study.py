@@ -17,6 +17,7 @@ from kfp import dsl
 from components import evaluate as evaluate_steps
 from components import report as report_steps
 from components import train as train_steps
+from pipelines.parameters import SHORTCUT, ranges
 from pipelines.synthetic_shards import with_synthetic_shards
 
 SIZES = {"S": {"width": 32, "depth": 1}, "M": {"width": 64, "depth": 2}}
@@ -37,6 +38,7 @@ def build(target: dict | None = None):
   @dsl.pipeline(name="calibration-study", description="Model sizes x uncertainty methods on the synthetic "
                 "source: accuracy, NLL and ECE in distribution and under shift, leaderboard and ECE-vs-accuracy")
   @with_synthetic_shards("images", target)
+  @ranges(steps=SHORTCUT, batch_size=SHORTCUT, learning_rate=SHORTCUT)
   def calibration_study(shards: dsl.Dataset, seed: int, config: str = "smoke", overrides: dict = {},
                         steps: int = 60, batch_size: int = 0, learning_rate: float = 0.0,
                         models: list = DEFAULT_MODELS) -> dsl.HTML:

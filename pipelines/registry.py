@@ -3,13 +3,19 @@
 import importlib
 import inspect
 import json
+import threading
 
+from pipelines.parameters import ATTRIBUTE as RANGES_ATTRIBUTE
 from schemas.errors import ContractError
 
 
 # name -> the module whose build(target) defines it; imported on first use (each imports kfp and its components).
 _PIPELINES = {"smoke": "pipelines.smoke", "calibration_study": "pipelines.calibration_study",
               "action_localisation": "pipelines.action_localisation"}
+# kfp's DSL keeps the pipeline being defined in class attributes (dsl.pipeline_context.Pipeline's default
+# pipeline, PipelineTask's task handler): two threads defining pipelines at once fail with `Nested pipelines
+# are not allowed`. The UI serves requests on threads, so every definition goes through this lock.
+_DEFINING = threading.Lock()
 
 
 def names() -> list[str]:
@@ -21,13 +27,20 @@ def get_pipeline(name: str, target: str | None = None):
   if name not in _PIPELINES:
     raise ContractError(f"unknown pipeline {name!r} (known: {', '.join(names())})")
   from pipelines.targets import get_target
-  return importlib.import_module(_PIPELINES[name]).build(get_target(target) if target else None)
+  settings = get_target(target) if target else None
+  with _DEFINING:
+    return importlib.import_module(_PIPELINES[name]).build(settings)
 
 
 def signature(pipeline) -> dict[str, tuple[type, object]]:
   """Parameter name -> (type, default) from the Python function the pipeline was defined with."""
   fn = pipeline.pipeline_func
   return {name: (p.annotation, p.default) for name, p in inspect.signature(fn).parameters.items()}
+
+
+def parameter_ranges(pipeline) -> dict:
+  """Parameter name -> its declared `pipelines.parameters.Range`."""
+  return getattr(pipeline.pipeline_func, RANGES_ATTRIBUTE, {})
 
 
 def parse_parameters(pipeline, assignments: list[str]) -> dict[str, object]:

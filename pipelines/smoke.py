@@ -11,6 +11,7 @@ from kfp import dsl
 from components import evaluate as evaluate_steps
 from components import report as report_steps
 from components import train as train_steps
+from pipelines.parameters import SHORTCUT, ranges
 from pipelines.synthetic_shards import with_synthetic_shards
 
 
@@ -20,6 +21,7 @@ def build(target: dict | None = None):
   @dsl.pipeline(name="smoke", description="Synthetic multimodal data -> packed shards -> NaViT checkpoint -> "
                 "predictions, calibration metrics -> report.html")
   @with_synthetic_shards("images", target)
+  @ranges(steps=SHORTCUT, batch_size=SHORTCUT, learning_rate=SHORTCUT, width=SHORTCUT, depth=SHORTCUT)
   def smoke(shards: dsl.Dataset, seed: int, config: str = "smoke", overrides: dict = {}, steps: int = 0,
             batch_size: int = 0, learning_rate: float = 0.0, width: int = 0, depth: int = 0) -> dsl.HTML:
     checkpoint = train_steps.train(shards=shards, config=config, overrides=overrides, seed=seed, steps=steps,

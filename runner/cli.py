@@ -67,23 +67,24 @@ def _runs(args) -> int:
   if args.json:
     print(json.dumps(runs, indent=1, sort_keys=True))
     return 0
-  print(f"{'id':34} {'pipeline':10} {'status':10} {'seconds':>8}  report")
+  print(f"{'id':34} {'pipeline':10} {'status':11} {'seconds':>8}  report or reason")
   for r in runs:
     seconds = f"{r['duration_seconds']:.1f}" if r.get("duration_seconds") is not None else "-"
-    print(f"{r['id']:34} {r['pipeline']:10} {r['status']:10} {seconds:>8}  {r.get('report') or r.get('console_url') or ''}")
+    shown = r.get("report") or r.get("console_url") or r.get("reason") or ""
+    print(f"{r['id']:34} {r['pipeline']:10} {r['status']:11} {seconds:>8}  {shown}")
   return 0
 
 
 def _run_and_report(name: str, params: dict, home: str | None, parent: str | None = None,
                     use_cache: bool = True) -> int:
-  from runner.local_run import last_error_line, run_pipeline, step_log
+  from runner.local_run import run_pipeline, step_log
   record = run_pipeline(name, params, home=home, parent=parent, use_cache=use_cache)
+  if record["status"] == "INTERRUPTED":
+    print(f"run {record['id']} INTERRUPTED: {record['reason']}")
+    return 128 + record["signal"]
   if record["status"] != "SUCCEEDED":
     step = record.get("failed_step")
-    why = record["steps"].get(step, {}).get("why", "the pipeline process failed") if step else "see the log"
-    error = last_error_line(f"{record['run_dir']}/kfp.log", step) if step else None
-    why = error or why
-    print(f"step {step!r} FAILED: {why}", file=sys.stderr)
+    print(record["reason"], file=sys.stderr)
     if step:
       tail = step_log(f"{record['run_dir']}/kfp.log", step)[-25:]
       print("---- last lines of its log ----\n" + "\n".join(tail), file=sys.stderr)
@@ -125,11 +126,16 @@ def _shards_build(args) -> int:
 
 
 def _train(args) -> int:
+  from trainers.train import UnusableModelError
   from trainers.train import main as train_main
   argv = ["--data", args.data, "--workdir", args.workdir, "--config", args.config]
   for assignment in args.set:
     argv += ["--set", assignment]
-  return train_main(argv)
+  try:
+    return train_main(argv)
+  except UnusableModelError as e:  # trained and saved, but of no use: the run failed, the input was fine
+    print(f"patchflow: error: {e}", file=sys.stderr)
+    return 1
 
 
 def _calibrate(args) -> int:

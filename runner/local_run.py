@@ -2,8 +2,10 @@
 
 kfp.local has been seen to report SUCCEEDED when a step failed, so the outcome is decided here: every DAG
 task must have finished with an executor output and must have written every artifact it declares.
-The pipeline runs in a child process whose output goes to `<run dir>/kfp.log`; this process follows that
-log to show progress and cut out the failing step's log.
+The pipeline runs in a child process (the DAG process, leading its own process group with its steps) whose
+output goes to `<run dir>/kfp.log`; the run's process follows that log to show progress and cut out the failing
+step's log, records the outcome (SUCCEEDED, FAILED or INTERRUPTED, with the reason) and holds the run's lock
+until then (runner/history.py). A DAG process whose run's process is gone stops itself and its steps.
 """
 
 import datetime
@@ -13,8 +15,10 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -134,9 +138,10 @@ def last_error_line(log_path: str, task: str) -> str | None:
   return found
 
 
-def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callable[[str], None] = print,
-                 parent: str | None = None, run_id: str | None = None, use_cache: bool = True) -> dict:
-  """Runs one pipeline locally; returns the run record (status, steps, report path), also kept in history."""
+def create_run(name: str, params: dict, home: str | None = None, parent: str | None = None,
+               run_id: str | None = None) -> tuple[dict, int]:
+  """Checks the parameters, then makes the run directory, takes the run's lock and records the run RUNNING:
+  (record, the lock's file descriptor; whoever holds it is the run's process, see runner/history.py)."""
   pipeline = registry.get_pipeline(name)
   check_parameters(pipeline, params)
   defaults = {k: d for k, (_, d) in registry.signature(pipeline).items()}
@@ -144,21 +149,123 @@ def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callabl
   run_id = run_id or new_run_id(name)
   run_dir = os.path.join(home, run_id)
   os.makedirs(run_dir)
+  lock = history.hold_run_lock(run_dir)
   record = {"id": run_id, "pipeline": name, "params": {**defaults, **params}, "status": "RUNNING",
             "run_dir": run_dir, "pipeline_root": os.path.join(run_dir, "root"), "started": time.time(),
-            "steps": {}, "target": "local", "parent": parent}
+            "steps": {}, "target": "local", "parent": parent, "pid": os.getpid()}
   _write_json(os.path.join(run_dir, "run.json"), record)
   history.save_run(home, record)
-  log_path = os.path.join(run_dir, "kfp.log")
-  echo(f"run {run_id}: pipeline {name}, log {log_path}")
-  env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-         CACHE_DIR_ENV: os.path.join(home, ".cache") if use_cache else ""}
-  start, step_start, statuses = time.time(), {}, {}
-  with open(log_path, "w", encoding="utf-8") as log:
-    child = subprocess.Popen([sys.executable, "-m", "runner.local_run", run_dir], stdout=log,
-                             stderr=subprocess.STDOUT, env=env)
+  return record, lock
+
+
+def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callable[[str], None] = print,
+                 parent: str | None = None, run_id: str | None = None, use_cache: bool = True) -> dict:
+  """Runs one pipeline locally in this process; returns the run record (status, steps, report path, reason),
+  also kept in history."""
+  record, lock = create_run(name, params, home, parent, run_id)
+  return supervise(record, lock, echo, use_cache)
+
+
+def start_run_process(name: str, params: dict, home: str, parent: str | None = None,
+                      use_cache: bool = True) -> tuple[dict, subprocess.Popen]:
+  """Creates the run here (listed RUNNING on return) and hands it, with its lock, to a process of its own that
+  runs it: the UI's reruns, whose lives then do not depend on the UI's threads or on the UI itself."""
+  record, lock = create_run(name, params, home, parent)
+  try:
+    process = subprocess.Popen([sys.executable, "-m", "runner.local_run", "supervise", record["run_dir"], str(lock),
+                                "cache" if use_cache else "no-cache"], pass_fds=(lock,))
+  finally:
+    os.close(lock)  # the run's process holds its copy
+  record["pid"] = process.pid
+  history.set_pid(home, record["id"], process.pid)
+  return record, process
+
+
+# Signals that stop a run: it ends INTERRUPTED with its DAG process and steps stopped, not RUNNING forever.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_GRACE_SECONDS = 10  # after SIGTERM, the DAG's processes get this long before SIGKILL
+
+
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+  try:
+    os.killpg(child.pid, signum)  # the DAG process leads its own process group, its steps in it
+  except ProcessLookupError:
+    pass
+
+
+def supervise(record: dict, lock: int, echo: Callable[[str], None] = print, use_cache: bool = True) -> dict:
+  """Runs a created run's DAG in a child process, follows its log, decides the outcome and records it; then
+  releases the run's lock. SIGTERM, SIGINT or SIGHUP stop the DAG and record INTERRUPTED."""
+  stop = {}
+
+  def on_signal(signum, _frame):  # only notes it: the loop below stops the DAG (_stop_dag)
+    stop.setdefault("signal", signum)
+    stop.setdefault("at", time.time())
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous = {s: signal.signal(s, on_signal) for s in _STOP_SIGNALS} if in_main_thread else {}
+  try:
+    pipeline = registry.get_pipeline(record["pipeline"])
+    run_dir, run_id = record["run_dir"], record["id"]
+    home = os.path.dirname(run_dir)
+    record["pid"] = os.getpid()
+    history.save_run(home, record)
+    log_path = os.path.join(run_dir, "kfp.log")
+    echo(f"run {run_id}: pipeline {record['pipeline']}, log {log_path}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+           CACHE_DIR_ENV: os.path.join(home, ".cache") if use_cache else ""}
+    start, step_start, statuses, child = time.time(), {}, {}, None
+    with open(log_path, "w", encoding="utf-8") as log:
+      if not stop:
+        child = subprocess.Popen([sys.executable, "-m", "runner.local_run", "dag", run_dir, str(os.getpid())],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    if child:
+      _follow(log_path, child, record, home, echo, start, step_start, statuses, stop)
+      if stop:
+        _signal_group(child, signal.SIGKILL)  # whatever of the DAG outlived its leader
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  executions = sorted(d for d in os.listdir(os.path.join(run_dir, "root")) if not d.startswith(".")) \
+      if os.path.isdir(os.path.join(run_dir, "root")) else []
+  execution_root = os.path.join(run_dir, "root", executions[-1]) if executions else None
+  verdicts = check_outputs(execution_root, dag_tasks(pipeline), statuses)
+  for task, (verdict, why) in verdicts.items():
+    step = record["steps"].setdefault(task.rsplit("/", 1)[-1], {})
+    step["verdict"] = "INTERRUPTED" if stop and step.get("status") == "RUNNING" else verdict
+    if why:
+      step["why"] = why
+  failed = [t.rsplit("/", 1)[-1] for t, (v, _) in verdicts.items() if v == "FAILED"]
+  not_run = [t.rsplit("/", 1)[-1] for t, (v, _) in verdicts.items() if v == "NOT_RUN"]
+  record["duration_seconds"] = round(time.time() - start, 2)
+  record["finished"] = time.time()
+  record["execution_root"] = execution_root
+  if stop:
+    record["status"], record["signal"] = "INTERRUPTED", stop["signal"]
+    record["reason"] = f"stopped by {signal.Signals(stop['signal']).name}"
+  elif failed or not_run or child.returncode != 0:
+    step = failed[0] if failed else (not_run[0] if not_run else None)
+    record["status"], record["failed_step"] = "FAILED", step
+    if step:
+      why = last_error_line(log_path, step) or record["steps"].get(step, {}).get("why", "see its log")
+      record["reason"] = f"step {step!r} FAILED: {why}"
+    else:
+      record["reason"] = f"the pipeline process exited with status {child.returncode} (see {log_path})"
+  else:
+    report_src = os.path.join(execution_root, *report_source(pipeline))
+    record["report"] = os.path.join(run_dir, "report.html")
+    shutil.copyfile(report_src, record["report"])
+    record["status"] = "SUCCEEDED"
+  _write_json(os.path.join(run_dir, "run.json"), record)
+  history.save_run(home, record)
+  os.close(lock)  # only now: a run seen with a free lock has recorded its outcome or died
+  return record
+
+
+def _follow(log_path, child, record, home, echo, start, step_start, statuses, stop) -> None:
+  """Follows the DAG process's log until it exits: step states into the record, progress lines to `echo`."""
   with open(log_path, encoding="utf-8", errors="replace") as follow:
     while True:
+      _stop_dag(child, stop)
       line = follow.readline()
       if not line:
         if child.poll() is not None:
@@ -188,38 +295,31 @@ def run_pipeline(name: str, params: dict, home: str | None = None, echo: Callabl
           echo(f"  [{time.time() - start:6.1f}s] {task}: {status} in {seconds:.1f}s")
         elif text.strip().startswith(_PROGRESS_PREFIXES):
           echo(f"      {text.strip()}")
-  executions = sorted(d for d in os.listdir(os.path.join(run_dir, "root")) if not d.startswith(".")) \
-      if os.path.isdir(os.path.join(run_dir, "root")) else []
-  execution_root = os.path.join(run_dir, "root", executions[-1]) if executions else None
-  verdicts = check_outputs(execution_root, dag_tasks(pipeline), statuses)
-  for task, (verdict, why) in verdicts.items():
-    step = record["steps"].setdefault(task.rsplit("/", 1)[-1], {})
-    step["verdict"] = verdict
-    if why:
-      step["why"] = why
-  failed = [t.rsplit("/", 1)[-1] for t, (v, _) in verdicts.items() if v == "FAILED"]
-  not_run = [t.rsplit("/", 1)[-1] for t, (v, _) in verdicts.items() if v == "NOT_RUN"]
-  record["duration_seconds"] = round(time.time() - start, 2)
-  record["finished"] = time.time()
-  record["execution_root"] = execution_root
-  if failed or not_run or child.returncode != 0:
-    record["status"] = "FAILED"
-    record["failed_step"] = failed[0] if failed else (not_run[0] if not_run else None)
-  else:
-    report_src = os.path.join(execution_root, *report_source(pipeline))
-    record["report"] = os.path.join(run_dir, "report.html")
-    shutil.copyfile(report_src, record["report"])
-    record["status"] = "SUCCEEDED"
-  _write_json(os.path.join(run_dir, "run.json"), record)
-  history.save_run(home, record)
-  return record
 
 
-def _child(run_dir: str) -> int:
-  """Runs inside the child process: kfp.local executes the DAG, writing under <run dir>/root."""
+def _stop_dag(child: subprocess.Popen, stop: dict) -> None:
+  """Once a stop signal came: SIGTERM to the DAG's process group, SIGKILL after the grace period."""
+  if stop and "terminated" not in stop:
+    stop["terminated"] = True
+    _signal_group(child, signal.SIGTERM)
+  elif stop and time.time() - stop["at"] > _GRACE_SECONDS:
+    _signal_group(child, signal.SIGKILL)
+
+
+def _die_with(supervisor: int) -> None:
+  """Stops this DAG process and its steps (its process group) once the run's process is gone, e.g. killed by
+  SIGKILL: nothing would record what they do."""
+  while os.getppid() == supervisor:
+    time.sleep(1)
+  os.killpg(0, signal.SIGKILL)
+
+
+def _child(run_dir: str, supervisor: int) -> int:
+  """Runs inside the DAG process: kfp.local executes the DAG, writing under <run dir>/root."""
   import warnings
 
   from kfp import local
+  threading.Thread(target=_die_with, args=(supervisor,), daemon=True).start()
   with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
     record = json.load(f)
   # The project image's name has no "python" in it, which kfp.local warns about; here it is the current env.
@@ -230,5 +330,15 @@ def _child(run_dir: str) -> int:
   return 0
 
 
+def _supervise_created(run_dir: str, lock: int, cache: str) -> int:
+  """Runs inside a run's own process (start_run_process): the run was created by its starter."""
+  with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
+    record = json.load(f)
+  supervise(record, lock, echo=lambda line: print(line, flush=True), use_cache=cache == "cache")
+  return 0
+
+
 if __name__ == "__main__":
-  sys.exit(_child(sys.argv[1]))
+  if sys.argv[1] == "dag":
+    sys.exit(_child(sys.argv[2], int(sys.argv[3])))
+  sys.exit(_supervise_created(sys.argv[2], int(sys.argv[3]), sys.argv[4]))

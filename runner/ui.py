@@ -1,8 +1,10 @@
 """`patchflow ui`: a local page over the run history, with Rerun and "rerun with changes".
 
 Stdlib only (http.server). JSON API: GET /api/runs, GET /api/runs/{id}, POST /api/runs/{id}/rerun with an
-optional JSON body of parameter overrides, answering {"id": <new run id>}; reruns run in background threads.
-Files are served from $PATCHFLOW_HOME only.
+optional JSON body of parameter overrides, answering {"id": <new run id>} once the run is listed; each rerun
+runs in a process of its own.
+Files are served from $PATCHFLOW_HOME only. Every request first passes runner/request_checks.py (Host, Origin,
+JSON-only changes, sizes, paths); what it refuses is answered with a 4xx and a JSON {"error": ...}.
 """
 
 import html
@@ -11,20 +13,21 @@ import os
 import re
 import threading
 import time
+import traceback
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pipelines import registry
 from runner import history
-from runner.local_run import new_run_id, run_pipeline, step_log
-from runner.preflight import check_parameters
+from runner.local_run import start_run_process, step_log
+from runner.request_checks import Refused, check_request, parse_json_body
 from schemas.errors import ContractError
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}
-.SUCCEEDED,.SUCCESS{color:#1a7f37}.FAILED,.FAILURE{color:#c62828}.RUNNING{color:#9a6700}
+.SUCCEEDED,.SUCCESS{color:#1a7f37}.FAILED,.FAILURE,.INTERRUPTED{color:#c62828}.RUNNING{color:#9a6700}
 .dag{display:flex;gap:.4em;align-items:center;flex-wrap:wrap}.step{border:2px solid #999;border-radius:6px;
-padding:.4em .7em}.step.SUCCEEDED{border-color:#1a7f37}.step.FAILED{border-color:#c62828}
+padding:.4em .7em}.step.SUCCEEDED{border-color:#1a7f37}.step.FAILED,.step.INTERRUPTED{border-color:#c62828}
 .step.RUNNING{border-color:#9a6700}pre{background:#f6f8fa;padding:.6em;max-height:30em;overflow:auto;font-size:12px}
 code{font-size:12px}.error{color:#c62828}"""
 
@@ -55,9 +58,42 @@ def _duration(run: dict) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
   home: str = "runs"
+  bound: tuple[str, int] = ("127.0.0.1", 8080)  # the address and port served, for the Host and Origin checks
+  timeout = 30  # seconds a client may take to send a request (headers and body)
+  # A request line without a version is answered as HTTP/1.0, with a status line: http.server's HTTP/0.9
+  # default would answer a malformed request with a bare body that no client can tell from a dropped one.
+  default_request_version = "HTTP/1.0"
 
   def log_message(self, fmt, *args):  # quiet; the terminal shows run progress instead
     pass
+
+  def parse_request(self) -> bool:
+    """http.server's parsing, then every check of runner/request_checks.py before any do_* method runs."""
+    for _ in range(8):  # blank lines before a request line are skipped (RFC 9112, 2.2); http.server would close
+      if self.raw_requestline not in (b"\r\n", b"\n"):
+        break
+      self.raw_requestline = self.rfile.readline(65537)
+    if len(self.raw_requestline) > 65536:
+      self.send_error(414)
+      return False
+    if not super().parse_request():
+      return False
+    try:
+      self.checked = check_request(self.command, self.path, self.headers.items(), *self.bound,
+                                   every_header_line_parsed=not self.headers.defects)
+    except Refused as refused:
+      self.close_connection = True  # its body, if any, is left unread
+      self._json(refused.status, {"error": refused.reason})
+      return False
+    if self.command == "GET" and self.headers.get("Content-Length", "0").strip() != "0":
+      self.close_connection = True  # a GET's body is not read
+    return True
+
+  def send_error(self, code, message=None, explain=None):
+    # http.server answers an HTTP version it does not speak with 505; to a client that is a malformed request
+    # like any other, answered with a 4xx (docs/ui.md).
+    self.close_connection = True
+    super().send_error(400 if code == 505 else code, message, explain)
 
   def _send(self, status: int, body: bytes, content_type: str = "text/html; charset=utf-8"):
     self.send_response(status)
@@ -70,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
     self._send(status, json.dumps(value, sort_keys=True).encode(), "application/json")
 
   def do_GET(self):
-    path = urllib.parse.urlparse(self.path).path
+    path = self.checked.path
     try:
       if path == "/api/runs":
         return self._json(200, history.list_runs(self.home))
@@ -85,27 +121,38 @@ class _Handler(BaseHTTPRequestHandler):
         lines = step_log(os.path.join(run["run_dir"], "kfp.log"), m.group(2))
         return self._send(200, "\n".join(lines).encode(), "text/plain; charset=utf-8")
       if path.startswith("/files/"):
-        return self._file(urllib.parse.unquote(path[len("/files/"):]))
+        return self._file(path[len("/files/"):])
     except ContractError as e:
       return self._json(404, {"error": str(e)}) if path.startswith("/api/") else self._send(
           404, _page("not found", f"<p class='error'>{html.escape(str(e))}</p>"))
+    except Exception as e:  # noqa: BLE001 - a bug answers 500 with its one line, never a dropped connection
+      return self._failed(e)
     self._send(404, _page("not found", "<p>not found</p>"))
 
   def do_POST(self):
-    m = re.fullmatch(r"/api/runs/([\w.-]+)/rerun", urllib.parse.urlparse(self.path).path)
-    if not m:
-      return self._json(404, {"error": "not found"})
+    m = re.fullmatch(r"/api/runs/([\w.-]+)/rerun", self.checked.path)
     try:
-      length = int(self.headers.get("Content-Length") or 0)
-      overrides = json.loads(self.rfile.read(length) or b"{}") if length else {}
-      if not isinstance(overrides, dict):
-        raise ContractError("the request body must be a JSON object of parameter overrides")
+      try:
+        raw = self.rfile.read(self.checked.body_length)
+      except TimeoutError:
+        raise Refused(408, f"the body did not arrive within {self.timeout} s") from None
+      overrides = parse_json_body(raw, self.checked.body_length)
+      if not m:
+        return self._json(404, {"error": "not found"})
       new_id = start_rerun(self.home, m.group(1), overrides)
-    except json.JSONDecodeError as e:
-      return self._json(400, {"error": f"request body is not JSON: {e.msg}"})
+    except Refused as refused:
+      self.close_connection = True
+      return self._json(refused.status, {"error": refused.reason})
     except ContractError as e:
       return self._json(404 if "unknown run id" in str(e) else 400, {"error": str(e)})
+    except Exception as e:  # noqa: BLE001 - as in do_GET
+      return self._failed(e)
     self._json(202, {"id": new_id})
+
+  def _failed(self, error: Exception):
+    traceback.print_exc()
+    self.close_connection = True
+    self._json(500, {"error": f"{type(error).__name__}: {error}"})
 
   def _file(self, rel: str):
     root = os.path.realpath(self.home)
@@ -131,10 +178,11 @@ class _Handler(BaseHTTPRequestHandler):
       rows.append(
           f"<tr data-run='{html.escape(r['id'])}'><td><a href='/runs/{html.escape(r['id'])}'>{html.escape(r['id'])}</a></td>"
           f"<td>{html.escape(r['pipeline'])}</td><td class='{r['status']}'>{r['status']}</td><td>{_duration(r)}</td>"
-          f"<td><code>{html.escape(params)}</code></td><td>{self._link(r.get('report'))}</td>"
+          f"<td><code>{html.escape(params)}</code></td>"
+          f"<td>{self._link(r.get('report')) or html.escape(r.get('reason') or '')}</td>"
           f"<td><button onclick=\"rerun('{html.escape(r['id'])}')\">Rerun</button></td></tr>")
     table = ("<table><tr><th>run</th><th>pipeline</th><th>status</th><th>duration</th><th>parameters</th>"
-             "<th>report</th><th></th></tr>" + "".join(rows) + "</table>") if rows else "<p>No runs yet.</p>"
+             "<th>report or reason</th><th></th></tr>" + "".join(rows) + "</table>") if rows else "<p>No runs yet.</p>"
     running = any(r["status"] == "RUNNING" for r in runs)
     return _page("patchflow runs", f"<h1>patchflow runs</h1><p>{len(runs)} runs under "
                  f"<code>{html.escape(self.home)}</code></p>{table}", refresh=running)
@@ -177,6 +225,7 @@ class _Handler(BaseHTTPRequestHandler):
             f"{run['status']}</b>, duration {_duration(run)}"
             f"{', rerun of <a href=/runs/' + html.escape(run['parent']) + '>' + html.escape(run['parent']) + '</a>' if run.get('parent') else ''}</p>"
             f"<p>{('report: ' + self._link(run.get('report'))) if run.get('report') else ''}</p>"
+            f"{'<p class=error id=reason>' + html.escape(run['reason']) + '</p>' if run.get('reason') else ''}"
             f"<button id='rerun' onclick=\"rerun('{html.escape(run['id'])}')\">Rerun</button>"
             f"<h2>DAG</h2><div class='dag'>{steps}</div>"
             f"<h2>Rerun with changes</h2><form id='changes' onsubmit=\"event.preventDefault();"
@@ -192,30 +241,23 @@ def _form_value(value) -> str:
 
 
 def start_rerun(home: str, run_id: str, overrides: dict) -> str:
-  """Validates overrides against the pipeline's signature, starts the rerun in a thread, returns its id."""
+  """Validates overrides against the pipeline's signature and ranges, creates the rerun (listed on return) and
+  starts it in a process of its own; returns its id.
+
+  Not in a thread of this server: kfp's DSL is not thread-safe (pipelines/registry.py), and a run's process
+  handles the signals that stop it (INTERRUPTED) and outlives a restart of the UI."""
   previous = history.get_run(home, run_id)
   pipeline = registry.get_pipeline(previous["pipeline"])
   changed = registry.parse_parameters(pipeline, [f"{k}={v}" for k, v in overrides.items()])
-  params = {**previous["params"], **changed}
-  check_parameters(pipeline, params)  # here, so a bad value is the request's answer, not a failed thread
-  new_id = new_run_id(previous["pipeline"])
-  thread = threading.Thread(target=run_pipeline, daemon=True, kwargs=dict(
-      name=previous["pipeline"], params=params, home=home, parent=run_id, run_id=new_id,
-      echo=lambda line: print(line, flush=True)))
-  thread.start()
-  deadline = time.time() + 10
-  while time.time() < deadline:  # answer once the new run is in the history, so a client can follow it
-    try:
-      history.get_run(home, new_id)
-      break
-    except ContractError:
-      time.sleep(0.05)
-  return new_id
+  record, process = start_run_process(previous["pipeline"], {**previous["params"], **changed}, home, parent=run_id)
+  threading.Thread(target=process.wait, daemon=True).start()  # reaps it when it ends
+  return record["id"]
 
 
 def serve(home: str, host: str = "127.0.0.1", port: int = 8080) -> None:
   handler = type("Handler", (_Handler,), {"home": os.path.realpath(home)})
   server = ThreadingHTTPServer((host, port), handler)
+  handler.bound = (host, server.server_address[1])
   print(f"patchflow ui: http://{host}:{server.server_address[1]}/ (runs under {home}); Ctrl-C to stop", flush=True)
   try:
     server.serve_forever()

@@ -30,6 +30,22 @@ from trainers.configs import apply_overrides, load_config
 from trainers.input_pipeline import batch_indices, mixture_draws, prefetched
 
 
+class UnusableModelError(RuntimeError):
+  """The training ran, and its checkpoint is written, but the model it gives is of no use (unusable_because)."""
+
+
+def unusable_because(metrics: dict, task, head) -> str | None:
+  """Why a model with these validation metrics is of no use, or None: its loss is not finite, or its task has
+  labels and it gets no more of them right than chance (1 / the head's classes)."""
+  if not np.isfinite(metrics["loss"]):
+    return f"validation loss is {metrics['loss']}"
+  # 1e-6: accuracies are float32 means, so exactly chance (5 right of 30 in 6 classes) may read a hair above it.
+  if task.accuracy is not None and metrics[task.accuracy] <= 1 / head.num_classes + 1e-6:
+    return (f"validation {task.accuracy} {metrics[task.accuracy]:.3f} is at or below chance "
+            f"(1/{head.num_classes} = {1 / head.num_classes:.3f})")
+  return None
+
+
 def make_optimizer(model, train_config: dict):
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train_config["learning_rate"], warmup_steps=train_config["warmup_steps"],
@@ -190,6 +206,12 @@ def train(data_dir: str | None, workdir: str, config: dict, log=print) -> dict:
   with open(os.path.join(workdir, "final.json.tmp"), "w", encoding="utf-8") as f:
     json.dump(final, f, indent=1, sort_keys=True)
   os.replace(os.path.join(workdir, "final.json.tmp"), os.path.join(workdir, "final.json"))
+  # Only after the checkpoint and final.json are written, so the run can be inspected (or accepted later).
+  for d in datasets:
+    why = unusable_because(val[d.name], d.task, d.head) if d.name in val else None
+    if why and not tc.get("allow_useless_model"):
+      raise UnusableModelError(f"train: the model is not usable: {why} (dataset {d.name!r}); its checkpoint is "
+                               f"kept in {workdir}/checkpoints; set train.allow_useless_model=True to accept it")
   return final
 
 

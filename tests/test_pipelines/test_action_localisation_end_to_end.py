@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
+# 4 steps on 8 clips: the model is at chance (val actor_accuracy 0.000 of 1/8), which this test of the wiring
+# accepts; the pipeline's defaults train a usable one.
 TINY = ["--set", "num_train=8", "--set", "num_val=4", "--set", "num_test=4", "--set", "steps=4",
-        "--set", "batch_size=2"]
+        "--set", "batch_size=2", "--set", "train.allow_useless_model=True"]
 
 
 @pytest.mark.slow

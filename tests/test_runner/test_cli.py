@@ -236,7 +236,7 @@ def test_the_rerun_form_sends_lists_and_dicts_back_as_json():
     (["run", "smoke", "--set", "config=nope"], "config 'nope': not a known name"),
     (["compile", "smoke", "--output", "x.yaml", "--set", 'overrides={"model.depth": "two"}'],
      "config override 'model.depth': cannot parse 'two'"),
-    (["run", "calibration_study", "--set", "steps=-3"], "key 'train.steps' must be a positive int"),
+    (["run", "calibration_study", "--set", "steps=-3"], "parameter 'steps': expected an int >= 0"),
 ])
 def test_a_bad_train_config_is_refused_before_the_run_starts(argv, message, capsys, tmp_path):
   assert main([*argv, *(["--home", str(tmp_path)] if argv[0] == "run" else [])]) == 2

@@ -18,6 +18,9 @@ def get_config() -> dict:
       "train": {"steps": 120, "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 30,
                 "weight_decay": 1e-4, "checkpoint_every": 40, "log_every": 10, "keep_checkpoints": 2, "label_smoothing": 0.0, "peak_tflops": 0.0,
                 # A finished run's workdir: parameters whose path and shape match start from its last checkpoint.
-                "init_from": ""},
+                "init_from": "",
+                # Accept a final model whose validation loss is not finite or whose accuracy is at chance
+                # (for experiments); otherwise such a run fails after writing its checkpoint (trainers/train.py).
+                "allow_useless_model": False},
       "mesh": {"data": 1, "model": 1},
   }

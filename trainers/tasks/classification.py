@@ -96,4 +96,4 @@ def evaluate(model, data: dict, head, batch_size: int) -> dict:
 
 
 TASK = Task(name="classification", fields=FIELDS, build_model=build_model, loss_options=loss_options, loss=loss,
-            evaluate=evaluate)
+            evaluate=evaluate, accuracy="accuracy")

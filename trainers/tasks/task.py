@@ -48,6 +48,8 @@ class Task:
     which config.json keeps so that a trained model can be rebuilt without the shards.
   family: its model family ("navit": NaViT, trainers/model.py; "star": STAR's encoder, trainers/star.py). The
     datasets of one run may name different tasks of one family: they share one model, each through its head.
+  accuracy: the eval output that is the fraction of labels it gets right (None: it has no labels); a usable
+    model gets more than chance, 1 / the head's classes, on validation (the train loop checks it).
   """
   name: str
   fields: tuple[str, ...]
@@ -58,3 +60,4 @@ class Task:
   prepare: Callable = _unchanged
   info_keys: tuple[str, ...] = ()
   family: str = "navit"
+  accuracy: str | None = None

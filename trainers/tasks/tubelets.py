@@ -76,4 +76,4 @@ def evaluate(model, data: dict, head, batch_size: int) -> dict:
 # The STAR family builds the model: a tubelets-only run gets exactly build_star's model.
 TASK = Task(name="tubelets", fields=FIELDS, build_model=star_family.build_model, loss_options=loss_options,
             loss=loss, evaluate=evaluate, prepare=prepare, info_keys=("video", "max_frames", "max_actors"),
-            family=star_family.FAMILY)
+            family=star_family.FAMILY, accuracy="actor_accuracy")

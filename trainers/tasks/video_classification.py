@@ -47,4 +47,4 @@ def evaluate(model, data: dict, head, batch_size: int) -> dict:
 
 TASK = Task(name="video_classification", fields=FIELDS, build_model=star_family.build_model,
             loss_options=loss_options, loss=loss, evaluate=evaluate, family=star_family.FAMILY,
-            info_keys=("video", "max_frames", "max_actors"))
+            info_keys=("video", "max_frames", "max_actors"), accuracy="accuracy")
